@@ -1,0 +1,571 @@
+//! The configuration model: plain Rust types in the shapes of Envoy's concepts.
+//!
+//! Everything here is already validated: regexes are compiled, cluster references resolve,
+//! durations are durations. `Serialize` gives `/config_dump` its JSON.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use crate::decode::Cidr;
+use crate::format::LogFormat;
+
+/// The whole configuration of one sidecar.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// The admin API, if enabled.
+    pub admin: Option<Admin>,
+    /// How long SIGTERM waits for in-flight requests before exiting.
+    #[serde(serialize_with = "ser_duration")]
+    pub drain_time: Duration,
+    /// Listeners, in file order.
+    pub listeners: Vec<Listener>,
+    /// Upstream clusters, in file order.
+    pub clusters: Vec<Cluster>,
+}
+
+impl Config {
+    /// The cluster called `name`.
+    pub fn cluster(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+}
+
+/// The admin API's listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct Admin {
+    /// Where the admin API listens.
+    pub address: SocketAddr,
+}
+
+/// A listening socket and the filter chains that handle its connections.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listener {
+    /// Unique name.
+    pub name: String,
+    /// Bind address (port 0 picks an ephemeral port).
+    pub address: SocketAddr,
+    /// How long to wait for the first bytes when a chain matches on SNI, ALPN or transport.
+    #[serde(serialize_with = "ser_duration")]
+    pub listener_filters_timeout: Duration,
+    /// Filter chains; the most specific match wins, as in Envoy.
+    pub filter_chains: Vec<FilterChain>,
+}
+
+impl Listener {
+    /// True when choosing a chain needs the TLS ClientHello (SNI, ALPN or transport protocol).
+    pub fn needs_tls_inspection(&self) -> bool {
+        self.filter_chains.iter().any(|c| {
+            let m = &c.filter_chain_match;
+            !m.server_names.is_empty() || m.transport_protocol.is_some() || !m.application_protocols.is_empty()
+        })
+    }
+}
+
+/// A filter chain: a match and the network filter that handles matching connections.
+#[derive(Debug, Clone, Serialize)]
+pub struct FilterChain {
+    /// Name, unique within the listener (defaults to `chain<N>`).
+    pub name: String,
+    /// Which connections this chain takes.
+    pub filter_chain_match: FilterChainMatch,
+    /// What handles them.
+    pub filter: NetworkFilter,
+}
+
+/// Criteria for choosing a filter chain; an empty criterion matches anything.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FilterChainMatch {
+    /// The connection's destination port.
+    pub destination_port: Option<u16>,
+    /// SNI names, exact or `*.suffix`.
+    pub server_names: Vec<String>,
+    /// `tls` or `raw_buffer`.
+    pub transport_protocol: Option<String>,
+    /// ALPN protocols offered by the client.
+    pub application_protocols: Vec<String>,
+    /// Source address prefixes.
+    #[serde(serialize_with = "ser_display_vec")]
+    pub source_prefix_ranges: Vec<Cidr>,
+}
+
+/// The network filter of a chain: a closed set, so an enum.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkFilter {
+    /// Plain TCP proxying.
+    TcpProxy(TcpProxy),
+    /// The HTTP connection manager.
+    Http(Box<HttpConnectionManager>),
+}
+
+/// TCP proxy to a cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpProxy {
+    /// Prefix for this filter's stats (`tcp.<stat_prefix>.`).
+    pub stat_prefix: String,
+    /// The upstream cluster.
+    pub cluster: String,
+    /// Close the connection after this long with no bytes either way; zero disables.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Access logs written when a connection closes.
+    pub access_log: Vec<AccessLog>,
+}
+
+/// Which HTTP codecs a connection manager accepts downstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CodecType {
+    /// HTTP/1.1 and HTTP/2 (prior knowledge), detected from the first bytes.
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 only.
+    Http2,
+}
+
+/// The HTTP connection manager: codec settings, limits, routes, access logs.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpConnectionManager {
+    /// Prefix for this filter's stats (`http.<stat_prefix>.`).
+    pub stat_prefix: String,
+    /// Downstream codec.
+    pub codec_type: CodecType,
+    /// Largest request header block accepted, in KiB (431 beyond it).
+    pub max_request_headers_kb: u32,
+    /// Most request headers accepted (431 beyond it).
+    pub max_request_headers_count: u32,
+    /// Time to receive the whole request; zero disables. 408 when exceeded.
+    #[serde(serialize_with = "ser_duration")]
+    pub request_timeout: Duration,
+    /// Time to receive the request headers on an HTTP/1 connection; zero disables.
+    #[serde(serialize_with = "ser_duration")]
+    pub request_headers_timeout: Duration,
+    /// Close an HTTP/1 connection idle this long between requests; zero disables.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Most concurrent HTTP/2 streams per downstream connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Add `x-request-id` to requests that lack one.
+    pub generate_request_id: bool,
+    /// Append the client address to `x-forwarded-for` and set `x-forwarded-proto`.
+    pub use_remote_address: bool,
+    /// The route table.
+    pub route_config: RouteConfig,
+    /// Access logs written when a request completes.
+    pub access_log: Vec<AccessLog>,
+}
+
+/// Where and how an access log is written.
+#[derive(Debug, Clone, Serialize)]
+pub struct AccessLog {
+    /// A file path; `/dev/stdout` and `/dev/stderr` go to the process's streams.
+    pub path: String,
+    /// The line format.
+    pub format: LogFormat,
+}
+
+/// A route table: virtual hosts chosen by host, then routes in order.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteConfig {
+    /// Name, for stats and dumps.
+    pub name: String,
+    /// Virtual hosts.
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// Headers added to every request routed by this table.
+    pub request_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from every request.
+    pub request_headers_to_remove: Vec<String>,
+    /// Headers added to every response.
+    pub response_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from every response.
+    pub response_headers_to_remove: Vec<String>,
+}
+
+/// A set of domains and the routes for them.
+#[derive(Debug, Clone, Serialize)]
+pub struct VirtualHost {
+    /// Name, unique within the table.
+    pub name: String,
+    /// `example.com`, `*.example.com`, `example.*` or `*`; compared without case.
+    pub domains: Vec<String>,
+    /// Routes; the first that matches wins.
+    pub routes: Vec<Route>,
+    /// Headers added to requests routed through this host.
+    pub request_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from requests.
+    pub request_headers_to_remove: Vec<String>,
+    /// Headers added to responses.
+    pub response_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from responses.
+    pub response_headers_to_remove: Vec<String>,
+}
+
+/// A match and what to do with matching requests.
+#[derive(Debug, Clone, Serialize)]
+pub struct Route {
+    /// Optional name, for logs (`%ROUTE_NAME%`).
+    pub name: Option<String>,
+    /// Which requests this route takes.
+    #[serde(rename = "match")]
+    pub matcher: RouteMatch,
+    /// What happens to them.
+    pub action: RouteAction,
+    /// Headers added to requests on this route.
+    pub request_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from requests on this route.
+    pub request_headers_to_remove: Vec<String>,
+    /// Headers added to responses on this route.
+    pub response_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from responses on this route.
+    pub response_headers_to_remove: Vec<String>,
+}
+
+/// Request criteria of a route; all must hold.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteMatch {
+    /// The path criterion.
+    pub path: PathMatch,
+    /// Compare the path with case (default true).
+    pub case_sensitive: bool,
+    /// Header criteria.
+    pub headers: Vec<HeaderMatcher>,
+    /// Query parameter criteria.
+    pub query_parameters: Vec<QueryParameterMatcher>,
+    /// Only gRPC requests (content-type application/grpc...).
+    pub grpc: bool,
+}
+
+/// How the path is matched.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathMatch {
+    /// The path (without query) starts with this.
+    Prefix(String),
+    /// The path (without query) is exactly this.
+    Path(String),
+    /// The path (without query) matches this regex entirely.
+    SafeRegex(Pattern),
+}
+
+/// A regex that serializes as its source. Matching is whole-string, as in Envoy.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    /// Anchored form used for whole-string matches.
+    pub full: regex::Regex,
+    /// Unanchored form used for search and replace.
+    pub raw: regex::Regex,
+}
+
+impl Pattern {
+    /// Compiles `src`; the error says why it is not a valid regex.
+    pub fn new(src: &str) -> Result<Pattern, String> {
+        let raw = regex::Regex::new(src).map_err(|e| e.to_string())?;
+        let full = regex::Regex::new(&format!("^(?:{src})$")).map_err(|e| e.to_string())?;
+        Ok(Pattern { full, raw })
+    }
+
+    /// True when the whole of `s` matches.
+    pub fn is_full_match(&self, s: &str) -> bool {
+        self.full.is_match(s)
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.raw.as_str())
+    }
+}
+
+/// A string comparison.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StringMatch {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Ends with.
+    Suffix(String),
+    /// Contains.
+    Contains(String),
+    /// Matches the regex entirely.
+    SafeRegex(Pattern),
+}
+
+impl StringMatch {
+    /// Applies the comparison, ignoring ASCII case when asked (not for regexes).
+    pub fn matches(&self, v: &str, ignore_case: bool) -> bool {
+        fn eq(a: &str, b: &str, ic: bool) -> bool {
+            if ic { a.eq_ignore_ascii_case(b) } else { a == b }
+        }
+        match self {
+            StringMatch::Exact(s) => eq(v, s, ignore_case),
+            StringMatch::Prefix(s) => {
+                v.len() >= s.len() && v.is_char_boundary(s.len()) && eq(&v[..s.len()], s, ignore_case)
+            }
+            StringMatch::Suffix(s) => {
+                v.len() >= s.len()
+                    && v.is_char_boundary(v.len() - s.len())
+                    && eq(&v[v.len() - s.len()..], s, ignore_case)
+            }
+            StringMatch::Contains(s) => {
+                if ignore_case {
+                    v.to_ascii_lowercase().contains(&s.to_ascii_lowercase())
+                } else {
+                    v.contains(s.as_str())
+                }
+            }
+            StringMatch::SafeRegex(p) => p.is_full_match(v),
+        }
+    }
+}
+
+/// A header criterion.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeaderMatcher {
+    /// Header name, lower case. `:authority`, `:method`, `:path` and `:scheme` work too.
+    pub name: String,
+    /// The test.
+    pub spec: HeaderMatchSpec,
+    /// Negate the result.
+    pub invert_match: bool,
+}
+
+/// What a header criterion tests.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderMatchSpec {
+    /// The header is present (`true`) or absent (`false`).
+    Present(bool),
+    /// A string comparison on the value.
+    String {
+        /// The comparison.
+        matcher: StringMatch,
+        /// Ignore ASCII case.
+        ignore_case: bool,
+    },
+    /// The value is an integer in `[start, end)`.
+    Range {
+        /// Inclusive start.
+        start: i64,
+        /// Exclusive end.
+        end: i64,
+    },
+}
+
+/// A query parameter criterion.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryParameterMatcher {
+    /// Parameter name.
+    pub name: String,
+    /// `None` means "present".
+    pub string_match: Option<StringMatch>,
+    /// Ignore ASCII case in the comparison.
+    pub ignore_case: bool,
+}
+
+/// What a route does.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteAction {
+    /// Forward to a cluster.
+    Route(Box<ForwardAction>),
+    /// Answer with a redirect.
+    Redirect(Redirect),
+    /// Answer directly.
+    DirectResponse(DirectResponse),
+}
+
+/// Forwarding to one or several weighted clusters, with rewrites and a timeout.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwardAction {
+    /// Where to send the request.
+    pub cluster: ClusterSpecifier,
+    /// Time from the request's start to the upstream response headers; zero disables.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// Replace the matched path prefix.
+    pub prefix_rewrite: Option<String>,
+    /// Regex substitution on the path.
+    pub regex_rewrite: Option<RegexRewrite>,
+    /// Replace the Host / :authority.
+    pub host_rewrite_literal: Option<String>,
+    /// Replace the Host with the DNS name of the chosen endpoint (strict_dns clusters).
+    pub auto_host_rewrite: bool,
+}
+
+/// One cluster or a weighted set.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterSpecifier {
+    /// One cluster.
+    Cluster(String),
+    /// A weighted choice between clusters.
+    WeightedClusters(Vec<WeightedCluster>),
+}
+
+/// One entry of a weighted cluster set.
+#[derive(Debug, Clone, Serialize)]
+pub struct WeightedCluster {
+    /// The cluster.
+    pub name: String,
+    /// Its weight.
+    pub weight: u32,
+}
+
+/// A regex substitution, as Envoy's `regex_rewrite`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegexRewrite {
+    /// What to find.
+    pub pattern: Pattern,
+    /// What to put instead (`\1` refers to groups).
+    pub substitution: String,
+}
+
+/// A redirect answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Redirect {
+    /// New scheme.
+    pub scheme_redirect: Option<String>,
+    /// New host.
+    pub host_redirect: Option<String>,
+    /// New port.
+    pub port_redirect: Option<u16>,
+    /// New path (query kept unless `strip_query`).
+    pub path_redirect: Option<String>,
+    /// Replace the matched prefix.
+    pub prefix_rewrite: Option<String>,
+    /// 301, 302, 303, 307 or 308.
+    pub response_code: u16,
+    /// Drop the query string.
+    pub strip_query: bool,
+}
+
+/// A fixed answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct DirectResponse {
+    /// Status code.
+    pub status: u16,
+    /// Body, if any.
+    pub body: Option<String>,
+}
+
+/// A header to add and how it combines with an existing one.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeaderValueOption {
+    /// Header name (lower case).
+    pub key: String,
+    /// Value.
+    pub value: String,
+    /// Combination rule.
+    pub append_action: AppendAction,
+}
+
+/// Envoy's `append_action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AppendAction {
+    /// Add another value (the default).
+    AppendIfExistsOrAdd,
+    /// Add only if absent.
+    AddIfAbsent,
+    /// Replace any existing value, or add.
+    OverwriteIfExistsOrAdd,
+    /// Replace only if present.
+    OverwriteIfExists,
+}
+
+/// How a cluster's endpoints are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryType {
+    /// Fixed IP addresses.
+    Static,
+    /// Host names resolved periodically; every address returned is an endpoint.
+    StrictDns,
+}
+
+/// Load-balancing policy. More arrive with the traffic-management work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Round robin, weighted by endpoint weight.
+    RoundRobin,
+    /// Uniform random.
+    Random,
+}
+
+/// Upstream HTTP protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+    /// Whatever the downstream request used.
+    Downstream,
+}
+
+/// An upstream cluster.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cluster {
+    /// Unique name.
+    pub name: String,
+    /// Endpoint discovery.
+    #[serde(rename = "type")]
+    pub discovery: DiscoveryType,
+    /// TCP connect timeout.
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// Endpoint selection.
+    pub lb_policy: LbPolicy,
+    /// HTTP protocol towards the endpoints.
+    pub protocol: UpstreamProtocol,
+    /// How often strict_dns names are resolved again.
+    #[serde(serialize_with = "ser_duration")]
+    pub dns_refresh_rate: Duration,
+    /// Close pooled connections idle this long.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Streams per upstream HTTP/2 connection before another is opened.
+    pub http2_max_concurrent_streams: u32,
+    /// Requests per upstream connection before it is retired; zero means no limit.
+    pub max_requests_per_connection: u32,
+    /// Endpoints.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One endpoint: `host:port` (an IP for static clusters) and a weight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// Host (IP or DNS name).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Load-balancing weight, 1 to 128.
+    pub weight: u32,
+}
+
+pub(crate) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+/// Formats a duration the way the config writes it (`250ms`, `5s`, `1.5s`).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        format!("{}us", d.as_micros())
+    } else if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
+
+fn ser_display_vec<S: Serializer, T: std::fmt::Display>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| x.to_string()))
+}

@@ -1,0 +1,1142 @@
+//! The HTTP connection manager: serves a downstream connection (HTTP/1.1 or HTTP/2, detected),
+//! routes each request, forwards it over a pooled upstream connection and streams the answer back.
+//!
+//! Per request the path loads the route table once (`ArcSwap`), picks a cluster and a host, takes
+//! a connection from the worker's own pool and touches only atomics: no lock, no blocking call.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Uri};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tessera_model as model;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::access_log::{LogRecord, LogSink, LogSpec};
+use crate::body::{Ending, ReqBody, ReqTrack, RespBody, UpstreamBody};
+use crate::cluster::{ClusterRt, Host};
+use crate::flags::ResponseFlags;
+use crate::pool::{self, Conn, ConnectError, Pooled};
+use crate::router::{self, Action, Forward, RequestView, Route, RouteTable, VirtualHost, mutate};
+use crate::stats::{Counter, Gauge, Scope, Stats};
+use crate::util::uuid_v4;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// Envoy's `http.<stat_prefix>.*` stats.
+pub(crate) struct HttpStats {
+    pub(crate) downstream_cx_total: Arc<Counter>,
+    pub(crate) downstream_cx_active: Arc<Gauge>,
+    pub(crate) downstream_cx_upgrades_total: Arc<Counter>,
+    pub(crate) downstream_rq_total: Arc<Counter>,
+    pub(crate) downstream_rq_active: Arc<Gauge>,
+    pub(crate) downstream_rq_http1_total: Arc<Counter>,
+    pub(crate) downstream_rq_http2_total: Arc<Counter>,
+    pub(crate) downstream_rq_xx: [Arc<Counter>; 5],
+    pub(crate) downstream_rq_completed: Arc<Counter>,
+    pub(crate) downstream_rq_timeout: Arc<Counter>,
+    pub(crate) downstream_rq_too_many_headers: Arc<Counter>,
+    pub(crate) downstream_rq_rx_reset: Arc<Counter>,
+    pub(crate) no_route: Arc<Counter>,
+    pub(crate) rq_redirect: Arc<Counter>,
+    pub(crate) rq_direct_response: Arc<Counter>,
+}
+
+impl HttpStats {
+    pub(crate) fn new(stats: &Stats, prefix: &str) -> HttpStats {
+        let s = Scope::tagged("http", "envoy_http_conn_manager_prefix", prefix);
+        let c = |n: &str| stats.counter(&s, n);
+        HttpStats {
+            downstream_cx_total: c("downstream_cx_total"),
+            downstream_cx_active: stats.gauge(&s, "downstream_cx_active"),
+            downstream_cx_upgrades_total: c("downstream_cx_upgrades_total"),
+            downstream_rq_total: c("downstream_rq_total"),
+            downstream_rq_active: stats.gauge(&s, "downstream_rq_active"),
+            downstream_rq_http1_total: c("downstream_rq_http1_total"),
+            downstream_rq_http2_total: c("downstream_rq_http2_total"),
+            downstream_rq_xx: [
+                c("downstream_rq_1xx"),
+                c("downstream_rq_2xx"),
+                c("downstream_rq_3xx"),
+                c("downstream_rq_4xx"),
+                c("downstream_rq_5xx"),
+            ],
+            downstream_rq_completed: c("downstream_rq_completed"),
+            downstream_rq_timeout: c("downstream_rq_timeout"),
+            downstream_rq_too_many_headers: c("downstream_rq_too_many_headers"),
+            downstream_rq_rx_reset: c("downstream_rq_rx_reset"),
+            no_route: c("no_route"),
+            rq_redirect: c("rq_redirect"),
+            rq_direct_response: c("rq_direct_response"),
+        }
+    }
+}
+
+/// One HTTP filter chain at run time.
+pub(crate) struct HttpChainRt {
+    pub(crate) cfg: model::HttpConnectionManager,
+    /// Shared with the previous config's chain of the same name, so keep-alive connections
+    /// accepted before a reload route their next requests by the new table.
+    pub(crate) routes: Arc<ArcSwap<RouteTable>>,
+    pub(crate) stats: HttpStats,
+    pub(crate) logs: Option<Arc<LogSpec>>,
+    builder: auto::Builder<TokioExecutor>,
+    request_timeout: Option<Duration>,
+    max_headers: usize,
+}
+
+impl HttpChainRt {
+    pub(crate) fn new(
+        cfg: model::HttpConnectionManager,
+        routes: Arc<ArcSwap<RouteTable>>,
+        stats: &Stats,
+    ) -> HttpChainRt {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder = match cfg.codec_type {
+            model::CodecType::Auto => builder,
+            model::CodecType::Http1 => builder.http1_only(),
+            model::CodecType::Http2 => builder.http2_only(),
+        };
+        let header_bytes = (cfg.max_request_headers_kb as usize) * 1024;
+        let headers_timeout = (!cfg.request_headers_timeout.is_zero()).then_some(cfg.request_headers_timeout);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            // hyper sizes its read buffer from this, and cannot go below 8 KiB.
+            .max_buf_size(header_bytes.max(8192))
+            .max_headers(cfg.max_request_headers_count as usize)
+            .header_read_timeout(headers_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(cfg.http2_max_concurrent_streams)
+            .max_header_list_size(header_bytes as u32);
+        HttpChainRt {
+            stats: HttpStats::new(stats, &cfg.stat_prefix),
+            logs: LogSpec::new(&cfg.access_log),
+            request_timeout: (!cfg.request_timeout.is_zero()).then_some(cfg.request_timeout),
+            max_headers: cfg.max_request_headers_count as usize,
+            routes,
+            builder,
+            cfg,
+        }
+    }
+}
+
+/// What every request of one downstream connection shares.
+pub(crate) struct ConnCtx {
+    chain: Arc<HttpChainRt>,
+    sink: Option<LogSink>,
+    remote: SocketAddr,
+    local: SocketAddr,
+    id: u64,
+    /// The client's address as a header value, made once per connection for `x-forwarded-for`.
+    remote_ip: HeaderValue,
+    /// Streams in flight, and when the last one ended (ms since `born`), for the idle timeout.
+    active: AtomicU32,
+    last_done_ms: AtomicU64,
+    born: Instant,
+}
+
+impl ConnCtx {
+    fn begin(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.chain.stats.downstream_rq_active.inc();
+    }
+
+    /// Settles a stream: counters, idle tracking and the access log.
+    fn end(&self, status: u16, log: Option<Box<LogRecord>>) {
+        let s = &self.chain.stats;
+        s.downstream_rq_active.dec();
+        s.downstream_rq_completed.inc();
+        if let Some(c) = s.downstream_rq_xx.get(usize::from(status / 100).wrapping_sub(1)) {
+            c.inc();
+        }
+        self.last_done_ms
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        if let (Some(log), Some(sink)) = (log, &self.sink) {
+            sink.send(log);
+        }
+    }
+}
+
+/// Serves one downstream connection until it closes, the listener drains, or it idles out.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    chain: Arc<HttpChainRt>,
+    sink: Option<LogSink>,
+    remote: SocketAddr,
+    local: SocketAddr,
+    id: u64,
+    mut drain: watch::Receiver<bool>,
+) {
+    chain.stats.downstream_cx_total.inc();
+    chain.stats.downstream_cx_active.inc();
+    let _cx_active = scopeguard(chain.stats.downstream_cx_active.clone());
+    let idle = chain.cfg.idle_timeout;
+    let cx = Arc::new(ConnCtx {
+        sink: if chain.logs.is_some() { sink } else { None },
+        remote_ip: HeaderValue::from_str(&remote.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown")),
+        remote,
+        local,
+        id,
+        active: AtomicU32::new(0),
+        last_done_ms: AtomicU64::new(0),
+        born: Instant::now(),
+        chain: chain.clone(),
+    });
+    let svc_cx = cx.clone();
+    let svc = hyper::service::service_fn(move |req| handle(svc_cx.clone(), req));
+    let conn = chain.builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+
+    let mut closing = *drain.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    let idle_on = !idle.is_zero();
+    let sleep = tokio::time::sleep(if idle_on { idle } else { Duration::from_secs(86_400) });
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%remote, error = %e, "downstream connection ended with an error");
+                }
+                break;
+            }
+            changed = drain.changed(), if !closing => {
+                if changed.is_err() || *drain.borrow() {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            () = sleep.as_mut(), if idle_on && !closing => {
+                let now = Instant::now();
+                if cx.active.load(Ordering::Relaxed) == 0 {
+                    let last = cx.born + Duration::from_millis(cx.last_done_ms.load(Ordering::Relaxed));
+                    if now.duration_since(last) >= idle {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    } else {
+                        sleep.as_mut().reset(last + idle);
+                    }
+                } else {
+                    sleep.as_mut().reset(now + idle);
+                }
+            }
+        }
+    }
+}
+
+struct GaugeDec(Arc<Gauge>);
+impl Drop for GaugeDec {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+fn scopeguard(g: Arc<Gauge>) -> GaugeDec {
+    GaugeDec(g)
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute-form) or the `Host` header.
+fn authority(parts: &Parts) -> &str {
+    parts
+        .uri
+        .authority()
+        .map(Authority::as_str)
+        .or_else(|| parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+        .unwrap_or("")
+}
+
+async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
+    let start = Instant::now();
+    let chain = cx.chain.clone();
+    let stats = &chain.stats;
+    stats.downstream_rq_total.inc();
+    if req.version() == Version::HTTP_2 {
+        stats.downstream_rq_http2_total.inc();
+    } else {
+        stats.downstream_rq_http1_total.inc();
+    }
+    cx.begin();
+    let (parts, body) = req.into_parts();
+    let grpc = router::is_grpc(&parts.headers);
+    let mut log = chain.logs.as_ref().map(|spec| {
+        let mut r = Box::new(LogRecord::new(spec, cx.remote, cx.local, cx.id));
+        r.capture_request(&parts, authority(&parts));
+        r
+    });
+
+    if parts.headers.len() > chain.max_headers {
+        stats.downstream_rq_too_many_headers.inc();
+        return Ok(local_reply(
+            &cx,
+            log,
+            grpc,
+            parts.version,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "",
+            ResponseFlags::NONE,
+            "request_headers_too_many",
+        ));
+    }
+
+    let table = chain.routes.load_full();
+    let found = table.route(&RequestView {
+        host: authority(&parts),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        method: &parts.method,
+        scheme: "http",
+        headers: &parts.headers,
+    });
+    let Some((vh, route)) = found else {
+        stats.no_route.inc();
+        return Ok(local_reply(
+            &cx,
+            log,
+            grpc,
+            parts.version,
+            StatusCode::NOT_FOUND,
+            "",
+            ResponseFlags::NO_ROUTE_FOUND,
+            "route_not_found",
+        ));
+    };
+    tracing::trace!(virtual_host = %vh.name, route = ?route.name, "routed");
+    if let Some(l) = log.as_mut() {
+        l.route_name = route.name.clone();
+    }
+    let resp = match &route.action {
+        Action::Direct { status, body: text } => {
+            stats.rq_direct_response.inc();
+            let mut resp = Response::new(RespBody::full(text.clone()));
+            *resp.status_mut() = *status;
+            if !text.is_empty() {
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            response_mutations(resp.headers_mut(), &table, vh, route);
+            finish_local(&cx, log, resp, ResponseFlags::NONE, "direct_response")
+        }
+        Action::Redirect(r) => {
+            stats.rq_redirect.inc();
+            let loc = router::redirect_location(
+                r,
+                &route.matcher,
+                "http",
+                authority(&parts),
+                parts.uri.path(),
+                parts.uri.query(),
+            );
+            let mut resp = Response::new(RespBody::empty());
+            *resp.status_mut() = StatusCode::from_u16(r.response_code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            match HeaderValue::from_str(&loc) {
+                Ok(v) => {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                Err(_) => *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
+            }
+            response_mutations(resp.headers_mut(), &table, vh, route);
+            finish_local(&cx, log, resp, ResponseFlags::NONE, "redirect")
+        }
+        Action::Forward(f) => forward(cx, parts, body, &table, vh, route, f, start, log, grpc).await,
+    };
+    Ok(resp)
+}
+
+fn response_mutations(h: &mut HeaderMap, table: &RouteTable, vh: &VirtualHost, route: &Route) {
+    // Envoy's default order: route, then virtual host, then route table.
+    for m in [&route.mutations, &vh.mutations, &table.mutations] {
+        if !m.response_add.is_empty() || !m.response_remove.is_empty() {
+            mutate(h, &m.response_remove, &m.response_add);
+        }
+    }
+}
+
+/// Why forwarding failed before a response arrived.
+enum Fail {
+    Connect(ConnectError),
+    Reset(hyper::Error),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    cx: Arc<ConnCtx>,
+    mut parts: Parts,
+    body: Incoming,
+    table: &RouteTable,
+    vh: &VirtualHost,
+    route: &Route,
+    f: &Forward,
+    start: Instant,
+    mut log: Option<Box<LogRecord>>,
+    grpc: bool,
+) -> Response<RespBody> {
+    let cluster = f.target.pick().clone();
+    if let Some(l) = log.as_mut() {
+        l.upstream_cluster = Some(cluster.name().to_string());
+    }
+    let version = parts.version;
+    let Some(host) = cluster.pick() else {
+        return local_reply(
+            &cx,
+            log,
+            grpc,
+            version,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream",
+            ResponseFlags::NO_HEALTHY_UPSTREAM,
+            "no_healthy_upstream",
+        );
+    };
+    if let Some(l) = log.as_mut() {
+        l.upstream_host = Some(host.addr);
+    }
+    let to_h2 = match cluster.cfg.protocol {
+        model::UpstreamProtocol::Http1 => false,
+        model::UpstreamProtocol::Http2 => true,
+        model::UpstreamProtocol::Downstream => version == Version::HTTP_2,
+    };
+    let upgrade = !to_h2 && version == Version::HTTP_11 && is_upgrade(&parts.headers);
+    let down_upgrade = if upgrade {
+        parts.extensions.remove::<OnUpgrade>()
+    } else {
+        None
+    };
+    prepare_request(&cx, &mut parts, table, vh, route, f, &host, to_h2, upgrade);
+
+    let chain = &cx.chain;
+    let track: Option<Arc<ReqTrack>> = (log.is_some() || chain.request_timeout.is_some()).then(Arc::default);
+    let req = Request::from_parts(parts, ReqBody::new(body, track.clone()));
+
+    cluster.stats.upstream_rq_total.inc();
+    cluster.stats.upstream_rq_active.inc();
+    host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+    host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+
+    enum Outcome {
+        Sent(Result<(Response<Incoming>, Pooled), Fail>),
+        UpstreamTimeout,
+        RequestTimeout,
+    }
+    // The send future borrows the cluster and host; it ends with this block.
+    let outcome = {
+        let send = send(&cluster, &host, req, to_h2, upgrade);
+        tokio::pin!(send);
+        let route_deadline = f.timeout.map(|t| start + t);
+        let req_deadline = chain
+            .request_timeout
+            .filter(|_| track.as_ref().is_some_and(|t| !t.done.load(Ordering::Relaxed)))
+            .map(|t| start + t);
+        let route_timer = at(route_deadline);
+        tokio::pin!(route_timer);
+        let req_timer = at(req_deadline);
+        tokio::pin!(req_timer);
+        let mut req_timer_live = req_deadline.is_some();
+
+        loop {
+            tokio::select! {
+                r = send.as_mut() => break Outcome::Sent(r),
+                () = route_timer.as_mut() => break Outcome::UpstreamTimeout,
+                () = req_timer.as_mut(), if req_timer_live => {
+                    if track.as_ref().is_some_and(|t| t.done.load(Ordering::Relaxed)) {
+                        req_timer_live = false;
+                    } else {
+                        break Outcome::RequestTimeout;
+                    }
+                }
+            }
+        }
+    };
+    if let (Some(l), Some(t)) = (log.as_mut(), track.as_ref()) {
+        l.bytes_received = t.bytes.load(Ordering::Relaxed);
+    }
+
+    let settle_failed = |timeout: bool| {
+        cluster.stats.upstream_rq_active.dec();
+        host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        host.stats.rq_error.fetch_add(1, Ordering::Relaxed);
+        if timeout {
+            host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let (resp, pooled) = match outcome {
+        Outcome::Sent(Ok(r)) => r,
+        Outcome::UpstreamTimeout => {
+            settle_failed(true);
+            cluster.stats.upstream_rq_timeout.inc();
+            return local_reply(
+                &cx,
+                log,
+                grpc,
+                version,
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout",
+                ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+                "upstream_response_timeout",
+            );
+        }
+        Outcome::RequestTimeout => {
+            settle_failed(false);
+            chain.stats.downstream_rq_timeout.inc();
+            return local_reply(
+                &cx,
+                log,
+                grpc,
+                version,
+                StatusCode::REQUEST_TIMEOUT,
+                "request timeout",
+                ResponseFlags::NONE,
+                "request_overall_timeout",
+            );
+        }
+        Outcome::Sent(Err(fail)) => {
+            settle_failed(false);
+            let (text, flag, details) = match &fail {
+                Fail::Connect(ConnectError::Timeout) => (
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
+                        .to_string(),
+                    ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+                    "upstream_reset_before_response_started{connection_timeout}",
+                ),
+                Fail::Connect(ConnectError::Io(e)) => (
+                    format!(
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {e}"
+                    ),
+                    ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+                    "upstream_reset_before_response_started{connection_failure}",
+                ),
+                Fail::Connect(ConnectError::Handshake(e)) => (
+                    format!(
+                        "upstream connect error or disconnect/reset before headers. reset reason: protocol error, transport failure reason: {e}"
+                    ),
+                    ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+                    "upstream_reset_before_response_started{protocol_error}",
+                ),
+                Fail::Reset(e) => {
+                    cluster.stats.upstream_rq_rx_reset.inc();
+                    (
+                        format!(
+                            "upstream connect error or disconnect/reset before headers. reset reason: connection termination ({e})"
+                        ),
+                        ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+                        "upstream_reset_before_response_started{connection_termination}",
+                    )
+                }
+            };
+            return local_reply(
+                &cx,
+                log,
+                grpc,
+                version,
+                StatusCode::SERVICE_UNAVAILABLE,
+                text,
+                flag,
+                details,
+            );
+        }
+    };
+
+    let status = resp.status();
+    cluster.stats.status(status.as_u16());
+    let (mut rparts, rbody) = resp.into_parts();
+    let switching = upgrade && status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_response_hop_by_hop(&mut rparts.headers, switching);
+    response_mutations(&mut rparts.headers, table, vh, route);
+    rparts.version = version;
+    if switching {
+        if let (Some(down), Some(up)) = (down_upgrade, rparts.extensions.remove::<OnUpgrade>()) {
+            chain.stats.downstream_cx_upgrades_total.inc();
+            tokio::spawn(tunnel(down, up));
+        }
+    }
+    if let Some(l) = log.as_mut() {
+        l.response_code = status.as_u16();
+        l.response_duration = Some(start.elapsed());
+        l.capture_response(&rparts.headers);
+    }
+    let finish = Finish {
+        cx,
+        cluster,
+        host,
+        pooled,
+        status: status.as_u16(),
+        start,
+        log,
+        track,
+    };
+    Response::from_parts(rparts, RespBody::Upstream(UpstreamBody::new(rbody, finish)))
+}
+
+async fn at(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Copies bytes both ways between an upgraded downstream and upstream (WebSocket and friends).
+async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
+    match tokio::try_join!(down, up) {
+        Ok((d, u)) => {
+            let mut d = TokioIo::new(d);
+            let mut u = TokioIo::new(u);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+/// Sends `req` over a pooled connection, or a new one. A pooled HTTP/1 connection the upstream
+/// closed while idle gives the request back unsent; it then goes out on another connection.
+async fn send(
+    cluster: &ClusterRt,
+    host: &Arc<Host>,
+    mut req: Request<ReqBody>,
+    h2: bool,
+    upgrade: bool,
+) -> Result<(Response<Incoming>, Pooled), Fail> {
+    let cfg = &cluster.cfg;
+    if upgrade {
+        // An upgraded connection becomes a tunnel, so it is never shared.
+        let Conn::H1 { mut sender, .. } = pool::connect(cluster, host, false).await.map_err(Fail::Connect)? else {
+            unreachable!("asked for HTTP/1")
+        };
+        let resp = sender.send_request(req).await.map_err(Fail::Reset)?;
+        return Ok((resp, Pooled::None));
+    }
+    for _ in 0..3 {
+        let pooled = if h2 {
+            pool::take_h2(
+                host.id,
+                cfg.http2_max_concurrent_streams,
+                cfg.max_requests_per_connection,
+            )
+            .map(|(sender, active)| Conn::H2 { sender, active })
+        } else {
+            pool::take_h1(host.id, cfg.idle_timeout).map(|(sender, uses)| Conn::H1 { sender, uses })
+        };
+        let reused = pooled.is_some();
+        let conn = match pooled {
+            Some(c) => c,
+            None => pool::connect(cluster, host, h2).await.map_err(Fail::Connect)?,
+        };
+        match conn {
+            Conn::H1 { mut sender, uses } => {
+                if reused && sender.ready().await.is_err() {
+                    continue;
+                }
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        return Ok((
+                            resp,
+                            Pooled::H1 {
+                                host: host.id,
+                                sender,
+                                uses: uses + 1,
+                            },
+                        ));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(r) if reused => req = r,
+                        _ => return Err(Fail::Reset(e.into_error())),
+                    },
+                }
+            }
+            Conn::H2 { mut sender, active } => {
+                let r = sender.try_send_request(req).await;
+                match r {
+                    Ok(resp) => return Ok((resp, Pooled::H2(active))),
+                    Err(mut e) => {
+                        active.fetch_sub(1, Ordering::Relaxed);
+                        match e.take_message() {
+                            Some(r) if reused => req = r,
+                            _ => return Err(Fail::Reset(e.into_error())),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Three pooled connections in a row were dead: make a fresh one, and report what it says.
+    match pool::connect(cluster, host, h2).await.map_err(Fail::Connect)? {
+        Conn::H1 { mut sender, uses } => {
+            let resp = sender.send_request(req).await.map_err(Fail::Reset)?;
+            Ok((
+                resp,
+                Pooled::H1 {
+                    host: host.id,
+                    sender,
+                    uses: uses + 1,
+                },
+            ))
+        }
+        Conn::H2 { mut sender, active } => match sender.send_request(req).await {
+            Ok(resp) => Ok((resp, Pooled::H2(active))),
+            Err(e) => {
+                active.fetch_sub(1, Ordering::Relaxed);
+                Err(Fail::Reset(e))
+            }
+        },
+    }
+}
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        })
+}
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !["close", "keep-alive", "upgrade"]
+                        .iter()
+                        .any(|x| t.eq_ignore_ascii_case(x))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| n != header::HOST)
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+        h.remove(header::CONNECTION);
+    }
+    h.remove(KEEP_ALIVE);
+    h.remove(PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(HTTP2_SETTINGS);
+    if let Some(te) = h.get(header::TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            h.remove(header::TE);
+        }
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+fn strip_response_hop_by_hop(h: &mut HeaderMap, switching: bool) {
+    if !switching {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+    h.remove(KEEP_ALIVE);
+    h.remove(PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare_request(
+    cx: &ConnCtx,
+    parts: &mut Parts,
+    table: &RouteTable,
+    vh: &VirtualHost,
+    route: &Route,
+    f: &Forward,
+    host: &Host,
+    to_h2: bool,
+    upgrade: bool,
+) {
+    let cfg = &cx.chain.cfg;
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h, upgrade);
+    // We answer `Expect: 100-continue` ourselves (hyper does when the body is first read).
+    h.remove(header::EXPECT);
+    if cfg.use_remote_address {
+        match h.get(X_FORWARDED_FOR) {
+            Some(prev) => {
+                let mut v = Vec::with_capacity(prev.len() + 2 + cx.remote_ip.len());
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(cx.remote_ip.as_bytes());
+                if let Ok(v) = HeaderValue::from_bytes(&v) {
+                    h.insert(X_FORWARDED_FOR, v);
+                }
+            }
+            None => {
+                h.insert(X_FORWARDED_FOR, cx.remote_ip.clone());
+            }
+        }
+        if !h.contains_key(X_FORWARDED_PROTO) {
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
+    }
+    if cfg.generate_request_id && !h.contains_key(X_REQUEST_ID) {
+        if let Ok(v) = HeaderValue::from_bytes(&uuid_v4()) {
+            h.insert(X_REQUEST_ID, v);
+        }
+    }
+    for m in [&route.mutations, &vh.mutations, &table.mutations] {
+        if !m.request_add.is_empty() || !m.request_remove.is_empty() {
+            mutate(h, &m.request_remove, &m.request_add);
+        }
+    }
+    let new_path = router::rewrite_path(f, &route.matcher, parts.uri.path());
+    if new_path.is_some() {
+        if let Ok(v) = HeaderValue::from_str(parts.uri.path()) {
+            parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
+        }
+    }
+    let new_authority = f.host_rewrite.clone().or_else(|| {
+        if f.auto_host_rewrite {
+            host.hostname.clone()
+        } else {
+            None
+        }
+    });
+    set_target(parts, new_path, new_authority, to_h2);
+}
+
+/// Puts the request line in the upstream protocol's form: origin-form plus `Host` for HTTP/1.1,
+/// scheme and authority for HTTP/2.
+fn set_target(parts: &mut Parts, new_path: Option<String>, new_authority: Option<HeaderValue>, to_h2: bool) {
+    let path_and_query: Option<PathAndQuery> = match &new_path {
+        Some(p) => {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p.clone(),
+            };
+            match PathAndQuery::try_from(pq) {
+                Ok(pq) => Some(pq),
+                Err(e) => {
+                    tracing::debug!(error = %e, "rewritten path is not a valid URI path; keeping the original");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    if to_h2 {
+        parts.version = Version::HTTP_2;
+        let authority = new_authority
+            .as_ref()
+            .and_then(|a| Authority::try_from(a.as_bytes()).ok())
+            .or_else(|| parts.uri.authority().cloned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            });
+        let needs = path_and_query.is_some()
+            || new_authority.is_some()
+            || parts.uri.scheme().is_none()
+            || parts.uri.authority().is_none();
+        if needs {
+            let pq = path_and_query
+                .or_else(|| parts.uri.path_and_query().cloned())
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            let mut b = Uri::builder().scheme(parts.uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
+            if let Some(a) = authority {
+                b = b.authority(a);
+            }
+            if let Ok(u) = b.path_and_query(pq).build() {
+                parts.uri = u;
+            }
+        }
+        parts.headers.remove(header::HOST);
+    } else {
+        parts.version = Version::HTTP_11;
+        if let Some(a) = new_authority {
+            parts.headers.insert(header::HOST, a);
+        } else if !parts.headers.contains_key(header::HOST) {
+            if let Some(a) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(header::HOST, a);
+            }
+        }
+        if path_and_query.is_some() || parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let pq = path_and_query
+                .or_else(|| parts.uri.path_and_query().cloned())
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            parts.uri = Uri::from(pq);
+        }
+    }
+}
+
+/// Settles a forwarded request when its response stream ends.
+pub(crate) struct Finish {
+    cx: Arc<ConnCtx>,
+    cluster: Arc<ClusterRt>,
+    host: Arc<Host>,
+    pooled: Pooled,
+    status: u16,
+    start: Instant,
+    log: Option<Box<LogRecord>>,
+    track: Option<Arc<ReqTrack>>,
+}
+
+impl Finish {
+    pub(crate) fn complete(self, ending: Ending, bytes_sent: u64) {
+        let Finish {
+            cx,
+            cluster,
+            host,
+            pooled,
+            status,
+            start,
+            mut log,
+            track,
+        } = self;
+        let cfg = &cluster.cfg;
+        pooled.release(
+            ending == Ending::Complete,
+            cfg.max_requests_per_connection,
+            cfg.idle_timeout,
+        );
+        cluster.stats.upstream_rq_active.dec();
+        host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        if ending == Ending::Complete && status < 500 {
+            host.stats.rq_success.fetch_add(1, Ordering::Relaxed);
+        } else {
+            host.stats.rq_error.fetch_add(1, Ordering::Relaxed);
+        }
+        match ending {
+            Ending::Complete => {}
+            Ending::UpstreamError => cluster.stats.upstream_rq_rx_reset.inc(),
+            Ending::Dropped => cx.chain.stats.downstream_rq_rx_reset.inc(),
+        }
+        if let Some(l) = log.as_mut() {
+            l.bytes_sent = bytes_sent;
+            l.duration = Some(start.elapsed());
+            if let Some(t) = &track {
+                l.bytes_received = t.bytes.load(Ordering::Relaxed);
+            }
+            match ending {
+                Ending::Complete => {}
+                Ending::UpstreamError => l.flags.insert(ResponseFlags::UPSTREAM_REMOTE_RESET),
+                Ending::Dropped => l.flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION),
+            }
+        }
+        cx.end(status, log);
+    }
+}
+
+/// Envoy's mapping from an HTTP status to a gRPC status for local replies.
+fn grpc_status_for(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// A reply made by the proxy: plain text for HTTP, trailers-only for gRPC, as Envoy answers.
+#[allow(clippy::too_many_arguments)]
+fn local_reply(
+    cx: &ConnCtx,
+    log: Option<Box<LogRecord>>,
+    grpc: bool,
+    version: Version,
+    status: StatusCode,
+    text: impl Into<Bytes>,
+    flags: ResponseFlags,
+    details: &'static str,
+) -> Response<RespBody> {
+    let text: Bytes = text.into();
+    let resp = if grpc {
+        let mut r = Response::new(RespBody::empty());
+        let h = r.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(GRPC_STATUS, HeaderValue::from(u16::from(grpc_status_for(status))));
+        let msg = if text.is_empty() {
+            Bytes::from(status.canonical_reason().unwrap_or("").to_string())
+        } else {
+            text
+        };
+        if let Ok(v) = HeaderValue::from_maybe_shared(percent_encode_grpc(&msg)) {
+            h.insert(GRPC_MESSAGE, v);
+        }
+        r
+    } else {
+        let mut r = Response::new(RespBody::full(text.clone()));
+        *r.status_mut() = status;
+        if !text.is_empty() {
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        r
+    };
+    let mut resp = resp;
+    *resp.version_mut() = version;
+    finish_local(cx, log, resp, flags, details)
+}
+
+fn finish_local(
+    cx: &ConnCtx,
+    mut log: Option<Box<LogRecord>>,
+    resp: Response<RespBody>,
+    flags: ResponseFlags,
+    details: &'static str,
+) -> Response<RespBody> {
+    let status = resp.status().as_u16();
+    if let Some(l) = log.as_mut() {
+        l.response_code = status;
+        l.flags.insert(flags);
+        l.details = details;
+        l.bytes_sent = match resp.body() {
+            RespBody::Local(b) => b.as_ref().map_or(0, |b| b.len() as u64),
+            RespBody::Upstream(_) => 0,
+        };
+        l.capture_response(resp.headers());
+        l.duration = Some(Duration::ZERO);
+    }
+    if !flags.is_empty() {
+        tracing::debug!(status, %flags, details, "local reply");
+    }
+    cx.end(status, log);
+    resp
+}
+
+/// gRPC's percent-encoding for `grpc-message`: printable ASCII except `%` passes through.
+fn percent_encode_grpc(b: &[u8]) -> Bytes {
+    if b.iter().all(|c| (0x20..0x7f).contains(c) && *c != b'%') {
+        return Bytes::copy_from_slice(b);
+    }
+    let mut out = Vec::with_capacity(b.len() * 3);
+    for c in b {
+        if (0x20..0x7f).contains(c) && *c != b'%' {
+            out.push(*c);
+        } else {
+            out.extend_from_slice(format!("%{c:02X}").as_bytes());
+        }
+    }
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, headers: &[(&str, &str)], v: Version) -> Parts {
+        let mut b = Request::builder().uri(uri).version(v);
+        for (k, val) in headers {
+            b = b.header(*k, *val);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut p = parts(
+            "/",
+            &[
+                ("connection", "keep-alive, x-secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "gzip"),
+                ("upgrade", "h2c"),
+                ("x-keep", "1"),
+            ],
+            Version::HTTP_11,
+        );
+        strip_hop_by_hop(&mut p.headers, false);
+        let names: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep"]);
+        let mut p = parts(
+            "/",
+            &[("te", "trailers"), ("connection", "Upgrade"), ("upgrade", "websocket")],
+            Version::HTTP_11,
+        );
+        strip_hop_by_hop(&mut p.headers, true);
+        assert_eq!(p.headers.get("te").unwrap(), "trailers");
+        assert_eq!(p.headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(p.headers.get("connection").unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn request_target_per_upstream_protocol() {
+        // h2 downstream (absolute URI) to h1 upstream: origin-form plus Host.
+        let mut p = parts("http://example.com:8080/a?b=c", &[], Version::HTTP_2);
+        set_target(&mut p, None, None, false);
+        assert_eq!(p.uri.to_string(), "/a?b=c");
+        assert_eq!(p.headers.get("host").unwrap(), "example.com:8080");
+        assert_eq!(p.version, Version::HTTP_11);
+        // h1 downstream to h2 upstream: scheme and authority from Host, Host removed.
+        let mut p = parts("/a", &[("host", "example.com")], Version::HTTP_11);
+        set_target(&mut p, None, None, true);
+        assert_eq!(p.uri.to_string(), "http://example.com/a");
+        assert!(p.headers.get("host").is_none());
+        // Rewrites keep the query and replace the host.
+        let mut p = parts("/old/x?q=1", &[("host", "a")], Version::HTTP_11);
+        set_target(
+            &mut p,
+            Some("/new/x".into()),
+            Some(HeaderValue::from_static("b.example")),
+            false,
+        );
+        assert_eq!(p.uri.to_string(), "/new/x?q=1");
+        assert_eq!(p.headers.get("host").unwrap(), "b.example");
+        // An unchanged h1 to h1 request is left alone.
+        let mut p = parts("/same", &[("host", "a")], Version::HTTP_11);
+        set_target(&mut p, None, None, false);
+        assert_eq!(p.uri.to_string(), "/same");
+    }
+
+    #[test]
+    fn grpc_status_mapping_and_message_encoding() {
+        assert_eq!(grpc_status_for(StatusCode::SERVICE_UNAVAILABLE), 14);
+        assert_eq!(grpc_status_for(StatusCode::NOT_FOUND), 12);
+        assert_eq!(grpc_status_for(StatusCode::FORBIDDEN), 7);
+        assert_eq!(&percent_encode_grpc(b"no healthy upstream")[..], b"no healthy upstream");
+        assert_eq!(&percent_encode_grpc("50% off\n".as_bytes())[..], b"50%25 off%0A");
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        let p = parts(
+            "/",
+            &[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")],
+            Version::HTTP_11,
+        );
+        assert!(is_upgrade(&p.headers));
+        let p = parts("/", &[("upgrade", "websocket")], Version::HTTP_11);
+        assert!(!is_upgrade(&p.headers));
+    }
+}

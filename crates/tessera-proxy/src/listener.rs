@@ -1,0 +1,455 @@
+//! Listeners: sockets bound once per worker with SO_REUSEPORT, accept loops, and the choice of
+//! filter chain for each connection.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+use tessera_model::FilterChainMatch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::http::HttpChainRt;
+use crate::server::Shared;
+use crate::stats::{Counter, Gauge, Scope, Stats};
+use crate::tcp::TcpProxyRt;
+use crate::tls_inspect::{self, Inspect};
+
+/// The network filter of a chain at run time.
+pub(crate) enum ChainFilter {
+    Tcp(Arc<TcpProxyRt>),
+    Http(Arc<HttpChainRt>),
+}
+
+pub(crate) struct ChainRt {
+    pub(crate) name: String,
+    pub(crate) matcher: FilterChainMatch,
+    pub(crate) filter: ChainFilter,
+}
+
+/// What a listener does with new connections; swapped whole on reload.
+pub(crate) struct ListenerCfg {
+    pub(crate) chains: Vec<ChainRt>,
+    pub(crate) inspect: bool,
+    pub(crate) inspect_timeout: Duration,
+}
+
+pub(crate) struct ListenerStats {
+    pub(crate) downstream_cx_total: Arc<Counter>,
+    pub(crate) downstream_cx_active: Arc<Gauge>,
+    pub(crate) no_filter_chain_match: Arc<Counter>,
+    pub(crate) downstream_listener_filter_error: Arc<Counter>,
+}
+
+/// A listener at run time. Survives reloads while its name and address stay the same.
+pub(crate) struct ListenerRt {
+    pub(crate) name: String,
+    /// The address the config asked for (port 0 allowed).
+    pub(crate) requested: SocketAddr,
+    /// The address actually bound.
+    pub(crate) bound: SocketAddr,
+    pub(crate) cfg: ArcSwap<ListenerCfg>,
+    pub(crate) stats: ListenerStats,
+    stop: watch::Sender<bool>,
+    drain: watch::Sender<bool>,
+}
+
+impl ListenerRt {
+    pub(crate) fn new(
+        name: &str,
+        requested: SocketAddr,
+        bound: SocketAddr,
+        cfg: ListenerCfg,
+        stats: &Stats,
+    ) -> ListenerRt {
+        let s = Scope::tagged("listener", "envoy_listener_address", &bound.to_string());
+        ListenerRt {
+            name: name.to_string(),
+            requested,
+            bound,
+            cfg: ArcSwap::from_pointee(cfg),
+            stats: ListenerStats {
+                downstream_cx_total: stats.counter(&s, "downstream_cx_total"),
+                downstream_cx_active: stats.gauge(&s, "downstream_cx_active"),
+                no_filter_chain_match: stats.counter(&s, "no_filter_chain_match"),
+                downstream_listener_filter_error: stats.counter(&s, "downstream_listener_filter_error"),
+            },
+            stop: watch::channel(false).0,
+            drain: watch::channel(false).0,
+        }
+    }
+
+    /// Stops accepting on every worker.
+    pub(crate) fn stop_accepting(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Asks open connections to finish: HTTP/1 closes after the current request, HTTP/2 sends GOAWAY.
+    pub(crate) fn drain_connections(&self) {
+        self.drain.send_replace(true);
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+}
+
+/// Binds `n` sockets to `addr` with SO_REUSEPORT, one per worker. Port 0 takes one ephemeral
+/// port for all of them.
+pub(crate) fn bind(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(n);
+    let mut at = addr;
+    for _ in 0..n.max(1) {
+        let s = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.set_tcp_nodelay(true)?;
+        s.bind(&at.into())?;
+        s.listen(4096)?;
+        let l: std::net::TcpListener = s.into();
+        at = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Accepts connections on one worker until the listener stops.
+pub(crate) async fn accept_loop(l: Arc<ListenerRt>, sock: std::net::TcpListener, shared: Arc<Shared>) {
+    let listener = match TcpListener::from_std(sock) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(listener = %l.name, error = %e, "cannot register listener socket");
+            return;
+        }
+    };
+    let mut stop = l.stop.subscribe();
+    if *stop.borrow() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
+            r = listener.accept() => match r {
+                Ok((stream, remote)) => {
+                    tokio::spawn(on_connection(stream, remote, l.clone(), shared.clone()));
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: back off rather than spin.
+                    tracing::warn!(listener = %l.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn on_connection(stream: TcpStream, remote: SocketAddr, l: Arc<ListenerRt>, shared: Arc<Shared>) {
+    let _active = shared.connection_started();
+    l.stats.downstream_cx_total.inc();
+    l.stats.downstream_cx_active.inc();
+    let _g = GaugeDown(&l.stats.downstream_cx_active);
+    let local = stream.local_addr().unwrap_or(l.bound);
+    let cfg = l.cfg.load_full();
+    let meta = if cfg.inspect {
+        match peek_hello(&stream, cfg.inspect_timeout).await {
+            Some(m) => m,
+            None => {
+                l.stats.downstream_listener_filter_error.inc();
+                return;
+            }
+        }
+    } else {
+        ConnMeta::default()
+    };
+    let Some(chain) = select_chain(&cfg.chains, local.port(), remote.ip(), &meta) else {
+        l.stats.no_filter_chain_match.inc();
+        tracing::debug!(listener = %l.name, %remote, sni = ?meta.sni, "no filter chain matches; closing");
+        return;
+    };
+    let id = shared.next_connection_id();
+    tracing::trace!(listener = %l.name, chain = %chain.name, %remote, id, "connection");
+    match &chain.filter {
+        ChainFilter::Tcp(t) => crate::tcp::proxy(stream, t.clone(), shared.log_sink(), remote, local, id).await,
+        ChainFilter::Http(h) => {
+            crate::http::serve(
+                stream,
+                h.clone(),
+                shared.log_sink(),
+                remote,
+                local,
+                id,
+                l.drain.subscribe(),
+            )
+            .await
+        }
+    }
+}
+
+struct GaugeDown<'a>(&'a Gauge);
+impl Drop for GaugeDown<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What the first bytes said.
+#[derive(Debug, Default)]
+pub(crate) struct ConnMeta {
+    pub(crate) tls: bool,
+    pub(crate) sni: Option<String>,
+    pub(crate) alpn: Vec<String>,
+}
+
+/// Peeks at the ClientHello without consuming it. `None` when the peer sent nothing in time or
+/// closed.
+async fn peek_hello(stream: &TcpStream, timeout: Duration) -> Option<ConnMeta> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; 16 * 1024 + 5];
+    let mut last_len = usize::MAX;
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        match tls_inspect::inspect(&buf[..n]) {
+            Inspect::NotTls => return Some(ConnMeta::default()),
+            Inspect::Tls(h) => {
+                return Some(ConnMeta {
+                    tls: true,
+                    sni: h.server_name,
+                    alpn: h.alpn,
+                });
+            }
+            Inspect::NeedMore if n == buf.len() => {
+                return Some(ConnMeta {
+                    tls: true,
+                    ..ConnMeta::default()
+                });
+            }
+            Inspect::NeedMore => {
+                // peek() returns at once while data is buffered; wait a little for the rest.
+                if n == last_len {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                last_len = n;
+                if tokio::time::Instant::now() >= deadline {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Envoy's filter chain selection: at each criterion in turn (destination port, server name,
+/// transport protocol, application protocols, source address), keep only the chains with the most
+/// specific match; an empty criterion matches anything but loses to a specific one.
+pub(crate) fn select_chain<'a>(
+    chains: &'a [ChainRt],
+    dst_port: u16,
+    src: IpAddr,
+    meta: &ConnMeta,
+) -> Option<&'a ChainRt> {
+    let mut cands: Vec<&ChainRt> = chains.iter().collect();
+    let transport = if meta.tls { "tls" } else { "raw_buffer" };
+    narrow(&mut cands, |m| match m.destination_port {
+        None => Some(0),
+        Some(p) if p == dst_port => Some(1),
+        Some(_) => None,
+    });
+    narrow(&mut cands, |m| {
+        if m.server_names.is_empty() {
+            return Some(0);
+        }
+        let sni = meta.sni.as_deref()?;
+        m.server_names
+            .iter()
+            .filter_map(|n| {
+                if n == sni {
+                    Some(u32::MAX)
+                } else {
+                    n.strip_prefix('*')
+                        .filter(|suffix| sni.len() > suffix.len() && sni.ends_with(suffix))
+                        .map(|s| s.len() as u32)
+                }
+            })
+            .max()
+    });
+    narrow(&mut cands, |m| match &m.transport_protocol {
+        None => Some(0),
+        Some(t) if t == transport => Some(1),
+        Some(_) => None,
+    });
+    narrow(&mut cands, |m| {
+        if m.application_protocols.is_empty() {
+            Some(0)
+        } else {
+            m.application_protocols
+                .iter()
+                .any(|p| meta.alpn.contains(p))
+                .then_some(1)
+        }
+    });
+    narrow(&mut cands, |m| {
+        if m.source_prefix_ranges.is_empty() {
+            return Some(0);
+        }
+        m.source_prefix_ranges
+            .iter()
+            .filter(|c| c.contains(src))
+            .map(|c| 1 + u32::from(c.len))
+            .max()
+    });
+    cands.first().copied()
+}
+
+fn narrow(cands: &mut Vec<&ChainRt>, score: impl Fn(&FilterChainMatch) -> Option<u32>) {
+    let best = cands.iter().filter_map(|c| score(&c.matcher)).max();
+    match best {
+        None => cands.clear(),
+        Some(b) => cands.retain(|c| score(&c.matcher) == Some(b)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::ClusterRt;
+    use tessera_model::{Cidr, TcpProxy};
+
+    fn chain(name: &str, m: FilterChainMatch) -> ChainRt {
+        let stats = Stats::default();
+        let cfg = tessera_model::Config::from_yaml("clusters: [{name: c, endpoints: [127.0.0.1:1]}]", "t").unwrap();
+        let cluster = Arc::new(ClusterRt::new(cfg.clusters[0].clone(), &stats, None));
+        let t = TcpProxy {
+            stat_prefix: name.into(),
+            cluster: "c".into(),
+            idle_timeout: Duration::ZERO,
+            access_log: vec![],
+        };
+        ChainRt {
+            name: name.into(),
+            matcher: m,
+            filter: ChainFilter::Tcp(Arc::new(TcpProxyRt::new(t, cluster, &stats))),
+        }
+    }
+
+    fn pick(chains: &[ChainRt], port: u16, src: &str, tls: bool, sni: Option<&str>, alpn: &[&str]) -> Option<String> {
+        let meta = ConnMeta {
+            tls,
+            sni: sni.map(str::to_string),
+            alpn: alpn.iter().map(|s| s.to_string()).collect(),
+        };
+        select_chain(chains, port, src.parse().unwrap(), &meta).map(|c| c.name.clone())
+    }
+
+    #[test]
+    fn most_specific_chain_wins_at_each_step() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let chains = vec![
+            chain("default", FilterChainMatch::default()),
+            chain(
+                "port",
+                FilterChainMatch {
+                    destination_port: Some(443),
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "exact_sni",
+                FilterChainMatch {
+                    destination_port: Some(443),
+                    server_names: names(&["api.example.com"]),
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "wild_sni",
+                FilterChainMatch {
+                    destination_port: Some(443),
+                    server_names: names(&["*.example.com"]),
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "h2",
+                FilterChainMatch {
+                    destination_port: Some(8443),
+                    application_protocols: names(&["h2"]),
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "tls",
+                FilterChainMatch {
+                    destination_port: Some(8443),
+                    transport_protocol: Some("tls".into()),
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "internal",
+                FilterChainMatch {
+                    destination_port: Some(80),
+                    source_prefix_ranges: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "internal_narrow",
+                FilterChainMatch {
+                    destination_port: Some(80),
+                    source_prefix_ranges: vec![Cidr::parse("10.1.0.0/16").unwrap()],
+                    ..Default::default()
+                },
+            ),
+        ];
+        assert_eq!(
+            pick(&chains, 9999, "1.2.3.4", false, None, &[]).as_deref(),
+            Some("default")
+        );
+        assert_eq!(
+            pick(&chains, 443, "1.2.3.4", true, Some("api.example.com"), &[]).as_deref(),
+            Some("exact_sni")
+        );
+        assert_eq!(
+            pick(&chains, 443, "1.2.3.4", true, Some("www.example.com"), &[]).as_deref(),
+            Some("wild_sni")
+        );
+        assert_eq!(
+            pick(&chains, 443, "1.2.3.4", true, Some("other.org"), &[]).as_deref(),
+            Some("port")
+        );
+        assert_eq!(pick(&chains, 443, "1.2.3.4", false, None, &[]).as_deref(), Some("port"));
+        assert_eq!(
+            pick(&chains, 8443, "1.2.3.4", true, None, &["h2"]).as_deref(),
+            Some("tls"),
+            "transport is decided before ALPN"
+        );
+        assert_eq!(
+            pick(&chains, 8443, "1.2.3.4", false, None, &[]).as_deref(),
+            None,
+            "specific port matched, nothing under it fits"
+        );
+        assert_eq!(
+            pick(&chains, 80, "10.1.2.3", false, None, &[]).as_deref(),
+            Some("internal_narrow")
+        );
+        assert_eq!(
+            pick(&chains, 80, "10.9.2.3", false, None, &[]).as_deref(),
+            Some("internal")
+        );
+        assert_eq!(pick(&chains, 80, "192.168.0.1", false, None, &[]), None);
+    }
+}

@@ -1,0 +1,253 @@
+//! Upstream connection pools, one per worker thread, so taking or returning a connection never
+//! takes a lock. HTTP/1.1 connections are reused one request at a time (keep-alive); HTTP/2
+//! connections carry many streams, up to the cluster's `http2_max_concurrent_streams`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::ReqBody;
+use crate::cluster::{ClusterRt, Host};
+
+pub(crate) type H1Sender = http1::SendRequest<ReqBody>;
+pub(crate) type H2Sender = http2::SendRequest<ReqBody>;
+
+/// Idle HTTP/1 connections kept per host and worker; more are closed.
+const MAX_IDLE_PER_HOST: usize = 1024;
+/// How often a worker sweeps its pools for closed or expired connections.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+struct IdleH1 {
+    sender: H1Sender,
+    uses: u32,
+    since: Instant,
+}
+
+pub(crate) struct H2Conn {
+    sender: H2Sender,
+    active: Arc<AtomicU32>,
+    uses: u32,
+}
+
+#[derive(Default)]
+struct Pools {
+    h1: HashMap<u64, Vec<IdleH1>>,
+    h2: HashMap<u64, Vec<H2Conn>>,
+    last_sweep: Option<Instant>,
+}
+
+thread_local! {
+    static POOLS: RefCell<Pools> = RefCell::default();
+}
+
+/// A connection ready for one request.
+pub(crate) enum Conn {
+    H1 { sender: H1Sender, uses: u32 },
+    H2 { sender: H2Sender, active: Arc<AtomicU32> },
+}
+
+/// What to do with the connection when the response ends.
+pub(crate) enum Pooled {
+    /// Put this HTTP/1 connection back (if the response ended cleanly).
+    H1 { host: u64, sender: H1Sender, uses: u32 },
+    /// Release one HTTP/2 stream slot.
+    H2(Arc<AtomicU32>),
+    /// Nothing: the connection is not shared (upgrades).
+    None,
+}
+
+impl Pooled {
+    /// Settles the connection: an HTTP/1 connection is reused only after a clean end.
+    pub(crate) fn release(self, clean: bool, max_requests: u32, idle_timeout: Duration) {
+        match self {
+            Pooled::H1 { host, sender, uses } => {
+                if clean && (max_requests == 0 || uses < max_requests) && !sender.is_closed() {
+                    put_h1(host, sender, uses, idle_timeout);
+                }
+            }
+            Pooled::H2(active) => {
+                active.fetch_sub(1, Ordering::Relaxed);
+            }
+            Pooled::None => {}
+        }
+    }
+}
+
+/// Takes an idle HTTP/1 connection to `host`, most recently used first.
+pub(crate) fn take_h1(host: u64, idle_timeout: Duration) -> Option<(H1Sender, u32)> {
+    POOLS
+        .try_with(|p| {
+            let mut p = p.borrow_mut();
+            let now = Instant::now();
+            let list = p.h1.get_mut(&host)?;
+            while let Some(c) = list.pop() {
+                if !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout {
+                    return Some((c.sender, c.uses));
+                }
+            }
+            None
+        })
+        .ok()
+        .flatten()
+}
+
+fn put_h1(host: u64, sender: H1Sender, uses: u32, idle_timeout: Duration) {
+    let _ = POOLS.try_with(|p| {
+        let mut p = p.borrow_mut();
+        let now = Instant::now();
+        let list = p.h1.entry(host).or_default();
+        if list.len() < MAX_IDLE_PER_HOST {
+            list.push(IdleH1 {
+                sender,
+                uses,
+                since: now,
+            });
+        }
+        if p.last_sweep.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
+            p.last_sweep = Some(now);
+            sweep(&mut p, now, idle_timeout);
+        }
+    });
+}
+
+fn sweep(p: &mut Pools, now: Instant, idle_timeout: Duration) {
+    p.h1.retain(|_, list| {
+        list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout);
+        !list.is_empty()
+    });
+    p.h2.retain(|_, list| {
+        list.retain(|c| !c.sender.is_closed());
+        !list.is_empty()
+    });
+}
+
+/// A live HTTP/2 connection to `host` with a free stream slot, the slot already taken.
+pub(crate) fn take_h2(host: u64, max_streams: u32, max_requests: u32) -> Option<(H2Sender, Arc<AtomicU32>)> {
+    POOLS
+        .try_with(|p| {
+            let mut p = p.borrow_mut();
+            let list = p.h2.get_mut(&host)?;
+            list.retain(|c| !c.sender.is_closed() && (max_requests == 0 || c.uses < max_requests));
+            let c = list
+                .iter_mut()
+                .find(|c| c.active.load(Ordering::Relaxed) < max_streams)?;
+            c.active.fetch_add(1, Ordering::Relaxed);
+            c.uses += 1;
+            Some((c.sender.clone(), c.active.clone()))
+        })
+        .ok()
+        .flatten()
+}
+
+fn add_h2(host: u64, conn: H2Conn) {
+    let _ = POOLS.try_with(|p| p.borrow_mut().h2.entry(host).or_default().push(conn));
+}
+
+/// Why a connection could not be made.
+#[derive(Debug)]
+pub(crate) enum ConnectError {
+    Timeout,
+    Io(io::Error),
+    Handshake(hyper::Error),
+}
+
+/// Opens a new connection to `host`. An HTTP/2 connection joins the worker's pool at once so
+/// concurrent requests share it; an HTTP/1 connection is the caller's until the response ends.
+pub(crate) async fn connect(cluster: &ClusterRt, host: &Arc<Host>, h2: bool) -> Result<Conn, ConnectError> {
+    let stream = connect_tcp(cluster, host).await?;
+    let guard = ConnGuard::new(cluster, host);
+    if h2 {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake::<_, ReqBody>(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        let active = Arc::new(AtomicU32::new(1));
+        add_h2(
+            host.id,
+            H2Conn {
+                sender: sender.clone(),
+                active: active.clone(),
+                uses: 1,
+            },
+        );
+        Ok(Conn::H2 { sender, active })
+    } else {
+        let (sender, conn) = http1::Builder::new()
+            .handshake::<_, ReqBody>(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream HTTP/1 connection ended with an error");
+            }
+        });
+        Ok(Conn::H1 { sender, uses: 0 })
+    }
+}
+
+/// A TCP connection to `host` within the cluster's connect timeout, counted in the stats.
+pub(crate) async fn connect_tcp(cluster: &ClusterRt, host: &Host) -> Result<TcpStream, ConnectError> {
+    let stats = &cluster.stats;
+    stats.upstream_cx_total.inc();
+    host.stats.cx_total.fetch_add(1, Ordering::Relaxed);
+    let r = tokio::time::timeout(cluster.cfg.connect_timeout, TcpStream::connect(host.addr)).await;
+    let fail = |host: &Host| {
+        stats.upstream_cx_connect_fail.inc();
+        host.stats.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+    };
+    match r {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => {
+            fail(host);
+            Err(ConnectError::Io(e))
+        }
+        Err(_) => {
+            fail(host);
+            stats.upstream_cx_connect_timeout.inc();
+            Err(ConnectError::Timeout)
+        }
+    }
+}
+
+/// Counts a live upstream connection in the cluster and host gauges for as long as it lives.
+pub(crate) struct ConnGuard {
+    gauge: Arc<crate::stats::Gauge>,
+    host: Arc<Host>,
+}
+
+impl ConnGuard {
+    pub(crate) fn new(cluster: &ClusterRt, host: &Arc<Host>) -> ConnGuard {
+        cluster.stats.upstream_cx_active.inc();
+        host.stats.cx_active.fetch_add(1, Ordering::Relaxed);
+        ConnGuard {
+            gauge: cluster.stats.upstream_cx_active.clone(),
+            host: host.clone(),
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        self.host.stats.cx_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}

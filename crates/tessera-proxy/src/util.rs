@@ -1,0 +1,120 @@
+//! Small helpers with no better home: a per-thread random source, request ids, clock formatting.
+
+use std::cell::Cell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    // Per-thread seed from the clock and the address of a local; unpredictability is not needed,
+    // only that threads and processes differ.
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let local = 0u8;
+    let addr = std::ptr::addr_of!(local) as u64;
+    t ^ addr.rotate_left(32) ^ 0x9E37_79B9_7F4A_7C15
+}
+
+/// A fast non-cryptographic random number (wyrand), per thread, lock-free.
+pub(crate) fn rand_u64() -> u64 {
+    RNG.with(|s| {
+        let v = s.get().wrapping_add(0xA076_1D64_78BD_642F);
+        s.set(v);
+        let t = u128::from(v) * u128::from(v ^ 0xE703_7ED1_A0B4_28DB);
+        ((t >> 64) as u64) ^ (t as u64)
+    })
+}
+
+/// A random number in `0..n` (n > 0).
+pub(crate) fn rand_below(n: u64) -> u64 {
+    ((u128::from(rand_u64()) * u128::from(n)) >> 64) as u64
+}
+
+/// A random UUID v4 in its 36-character text form, as Envoy generates for `x-request-id`.
+pub(crate) fn uuid_v4() -> [u8; 36] {
+    let hi = rand_u64();
+    let lo = rand_u64();
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&hi.to_be_bytes());
+    b[8..].copy_from_slice(&lo.to_be_bytes());
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'-'; 36];
+    let mut o = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            o += 1;
+        }
+        out[o] = HEX[usize::from(byte >> 4)];
+        out[o + 1] = HEX[usize::from(byte & 0xf)];
+        o += 2;
+    }
+    out
+}
+
+/// Formats a wall-clock time as RFC 3339 UTC with milliseconds: `2026-11-26T12:45:41.123Z`.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, day) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), after Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn uuid_shape() {
+        let a = uuid_v4();
+        let s = std::str::from_utf8(&a).unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+        assert_eq!(s.matches('-').count(), 4);
+        assert_ne!(uuid_v4(), a);
+    }
+
+    #[test]
+    fn time_format() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
+        assert_eq!(rfc3339(t), "2026-11-18T11:06:40.123Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(&rfc3339(leap)[..10], "2000-02-29");
+    }
+
+    #[test]
+    fn rand_below_stays_below() {
+        for _ in 0..1000 {
+            assert!(rand_below(3) < 3);
+        }
+    }
+}

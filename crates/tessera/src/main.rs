@@ -1,0 +1,298 @@
+//! The `tessera` binary: command line, process lifecycle (signals, reload, drain) and wiring.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tessera_model::{Config, LoadError, MeshSpec};
+use tessera_proxy::{Options, Server};
+use tokio::signal::unix::{SignalKind, signal};
+
+mod sample;
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Tessera service mesh: sidecar, edge sidecar and Pilot"
+)]
+struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `tessera_proxy=trace` (RUST_LOG works too).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the sidecar on a static config file; SIGHUP or editing the file reloads it.
+    Sidecar {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Worker threads (default: number of cores).
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// Admin API address, overriding the config's.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// How long SIGTERM waits for in-flight requests, overriding the config's `drain_time`.
+        #[arg(long, value_parser = parse_duration)]
+        drain_time: Option<Duration>,
+        /// How often to look for changes to the config file (0 turns watching off).
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        watch_interval: Duration,
+    },
+    /// Validate config files; print every error and exit 1 if there are any.
+    Check {
+        /// Files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Start a local mesh (sample services and sidecars) from a mesh file.
+    Up {
+        /// The mesh file, e.g. examples/quickstart.yaml.
+        file: PathBuf,
+    },
+    /// Run the sample HTTP service (HTTP/1.1 and h2c).
+    SampleService {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        listen: std::net::SocketAddr,
+        /// Name shown in answers.
+        #[arg(long, default_value = "sample")]
+        name: String,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    tessera_model::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration such as 250ms, 5s or 1m"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let result = match cli.cmd {
+        Cmd::Check { files } => return check(&files),
+        Cmd::Sidecar {
+            config,
+            concurrency,
+            admin,
+            drain_time,
+            watch_interval,
+        } => runtime().and_then(|rt| rt.block_on(sidecar(config, concurrency, admin, drain_time, watch_interval))),
+        Cmd::Up { file } => runtime().and_then(|rt| rt.block_on(up(file))),
+        Cmd::SampleService { listen, name } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let addr = sample::start(listen, name).await?;
+                eprintln!("sample service listening on http://{addr}");
+                wait_for_stop(None).await?;
+                Ok(())
+            })
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The control runtime: admin API, reloads, DNS, signals. Workers have their own.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("tessera-control")
+        .build()
+        .context("cannot start the control runtime")
+}
+
+fn check(files: &[PathBuf]) -> ExitCode {
+    let mut bad = false;
+    for f in files {
+        match Config::load(f) {
+            Ok(cfg) => println!(
+                "{}: OK ({} listeners, {} clusters)",
+                f.display(),
+                cfg.listeners.len(),
+                cfg.clusters.len()
+            ),
+            Err(e) => {
+                bad = true;
+                println!("{e}");
+            }
+        }
+    }
+    if bad { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e: LoadError| anyhow::anyhow!("{e}"))
+}
+
+async fn sidecar(
+    path: PathBuf,
+    concurrency: Option<usize>,
+    admin: Option<std::net::SocketAddr>,
+    drain_time: Option<Duration>,
+    watch_interval: Duration,
+) -> anyhow::Result<()> {
+    let cfg = load(&path)?;
+    let mut opts = Options::default();
+    if let Some(n) = concurrency {
+        opts.concurrency = n;
+    }
+    opts.admin = admin;
+    let server = Server::start(cfg, opts).await.context("cannot start the sidecar")?;
+    announce(&server, &path);
+    let watch = (!watch_interval.is_zero()).then(|| (path.clone(), watch_interval));
+    let reason = run_until_stop(&server, watch).await?;
+    let drain = drain_time.unwrap_or(server.config().drain_time);
+    tracing::info!(%reason, drain = ?drain, "draining, then exiting");
+    server.shutdown(drain).await;
+    Ok(())
+}
+
+fn announce(server: &Server, path: &Path) {
+    let cfg = server.config();
+    for l in &cfg.listeners {
+        if let Some(a) = server.listener_addr(&l.name) {
+            tracing::info!(config = %path.display(), listener = %l.name, address = %a, "listener ready");
+        }
+    }
+    if let Some(a) = server.admin_addr() {
+        tracing::info!(address = %a, "admin API ready");
+    }
+}
+
+/// Serves until SIGTERM, SIGINT or `/quitquitquit`, reloading on SIGHUP and on file changes.
+async fn run_until_stop(server: &Server, watch: Option<(PathBuf, Duration)>) -> anyhow::Result<&'static str> {
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut last = match &watch {
+        Some((p, _)) => tokio::fs::read(p).await.ok(),
+        None => None,
+    };
+    let mut tick = tokio::time::interval(watch.as_ref().map_or(Duration::from_secs(3600), |w| w.1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                if let Some((p, _)) = &watch {
+                    last = tokio::fs::read(p).await.ok();
+                    reload(server, p, "SIGHUP").await;
+                } else {
+                    tracing::warn!("SIGHUP ignored: no config file to reload");
+                }
+            }
+            _ = tick.tick(), if watch.is_some() => {
+                if let Some((p, _)) = &watch {
+                    let now = tokio::fs::read(p).await.ok();
+                    if now.is_some() && now != last {
+                        last = now;
+                        reload(server, p, "file changed").await;
+                    }
+                }
+            }
+            _ = term.recv() => return Ok("SIGTERM"),
+            _ = int.recv() => return Ok("SIGINT"),
+            () = server.quit_requested() => return Ok("/quitquitquit"),
+        }
+    }
+}
+
+async fn reload(server: &Server, path: &Path, why: &str) {
+    let text = match tokio::fs::read_to_string(path).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(config = %path.display(), error = %e, "cannot read the config; keeping the current one");
+            return;
+        }
+    };
+    match Config::from_yaml(&text, &path.display().to_string()) {
+        Ok(cfg) => match server.reload(cfg).await {
+            Ok(()) => tracing::info!(config = %path.display(), reason = why, "configuration reloaded"),
+            Err(e) => {
+                tracing::error!(config = %path.display(), error = %e, "configuration not applied; keeping the current one")
+            }
+        },
+        Err(e) => tracing::error!("configuration rejected ({why}); keeping the current one:\n{e}"),
+    }
+}
+
+async fn wait_for_stop(server: Option<&Server>) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let quit = async {
+        match server {
+            Some(s) => s.quit_requested().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        () = quit => {}
+    }
+    Ok(())
+}
+
+async fn up(file: PathBuf) -> anyhow::Result<()> {
+    let spec = MeshSpec::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("tessera up: {}", file.display());
+    for s in &spec.services {
+        let addr = sample::start(s.address, s.name.clone()).await?;
+        println!("  service  {:<12} http://{addr}", s.name);
+    }
+    let mut servers = Vec::new();
+    let mut try_url = None;
+    for sc in &spec.sidecars {
+        let cfg = load(&sc.config)?;
+        let opts = Options {
+            concurrency: sc.concurrency,
+            admin: None,
+        };
+        let server = Server::start(cfg, opts)
+            .await
+            .with_context(|| format!("cannot start the sidecar of {}", sc.config.display()))?;
+        let cfg = server.config();
+        for l in &cfg.listeners {
+            if let Some(a) = server.listener_addr(&l.name) {
+                println!(
+                    "  sidecar  {:<12} listener {} on {a}",
+                    sc.config.file_stem().unwrap_or_default().to_string_lossy(),
+                    l.name
+                );
+                try_url.get_or_insert(format!("http://{a}/"));
+            }
+        }
+        if let Some(a) = server.admin_addr() {
+            println!("  admin    http://{a}/");
+        }
+        servers.push(server);
+    }
+    if let Some(u) = try_url {
+        println!("try: curl {u}");
+    }
+    println!("Ctrl-C stops the mesh.");
+    wait_for_stop(servers.first()).await?;
+    for s in servers {
+        let d = s.config().drain_time;
+        s.shutdown(d).await;
+    }
+    Ok(())
+}
