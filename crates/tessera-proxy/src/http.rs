@@ -283,7 +283,12 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
         stats.downstream_rq_http1_total.inc();
     }
     cx.begin();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    if chain.cfg.generate_request_id && !parts.headers.contains_key(X_REQUEST_ID) {
+        if let Ok(v) = HeaderValue::from_bytes(&uuid_v4()) {
+            parts.headers.insert(X_REQUEST_ID, v);
+        }
+    }
     let grpc = router::is_grpc(&parts.headers);
     let mut log = chain.logs.as_ref().map(|spec| {
         let mut r = Box::new(LogRecord::new(spec, cx.remote, cx.local, cx.id));
@@ -291,6 +296,25 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
         r
     });
 
+    // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; HTTP/2 needs an authority.
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (authority(&parts).is_empty() && parts.version != Version::HTTP_10) {
+        let details = if hosts > 1 {
+            "multiple_host_headers"
+        } else {
+            "missing_host_header"
+        };
+        return Ok(local_reply(
+            &cx,
+            log,
+            grpc,
+            parts.version,
+            StatusCode::BAD_REQUEST,
+            "",
+            ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+            details,
+        ));
+    }
     if parts.headers.len() > chain.max_headers {
         stats.downstream_rq_too_many_headers.inc();
         return Ok(local_reply(
@@ -429,6 +453,11 @@ async fn forward(
         None
     };
     prepare_request(&cx, &mut parts, table, vh, route, f, &host, to_h2, upgrade);
+    if let Some(l) = log.as_mut() {
+        // Envoy's %REQ()% sees the request as sent upstream (rewritten path, x-envoy-original-path).
+        l.req_headers.clear();
+        l.capture_request(&parts, authority(&parts));
+    }
 
     let chain = &cx.chain;
     let track: Option<Arc<ReqTrack>> = (log.is_some() || chain.request_timeout.is_some()).then(Arc::default);
@@ -633,20 +662,13 @@ async fn send(
         return Ok((resp, Pooled::None));
     }
     for _ in 0..3 {
-        let pooled = if h2 {
-            pool::take_h2(
-                host.id,
-                cfg.http2_max_concurrent_streams,
-                cfg.max_requests_per_connection,
-            )
-            .map(|(sender, active)| Conn::H2 { sender, active })
+        let (conn, reused) = if h2 {
+            h2_conn(cluster, host).await.map_err(Fail::Connect)?
         } else {
-            pool::take_h1(host.id, cfg.idle_timeout).map(|(sender, uses)| Conn::H1 { sender, uses })
-        };
-        let reused = pooled.is_some();
-        let conn = match pooled {
-            Some(c) => c,
-            None => pool::connect(cluster, host, h2).await.map_err(Fail::Connect)?,
+            match pool::take_h1(host.id, cfg.idle_timeout) {
+                Some((sender, uses)) => (Conn::H1 { sender, uses }, true),
+                None => (pool::connect(cluster, host, false).await.map_err(Fail::Connect)?, false),
+            }
         };
         match conn {
             Conn::H1 { mut sender, uses } => {
@@ -706,6 +728,24 @@ async fn send(
             }
         },
     }
+}
+
+/// An HTTP/2 connection with a free stream: a pooled one, the one another request is making, or a new one.
+async fn h2_conn(cluster: &ClusterRt, host: &Arc<Host>) -> Result<(Conn, bool), ConnectError> {
+    let cfg = &cluster.cfg;
+    for _ in 0..8 {
+        match pool::h2_slot(
+            host.id,
+            cfg.http2_max_concurrent_streams,
+            cfg.max_requests_per_connection,
+        ) {
+            pool::H2Slot::Ready(sender, active) => return Ok((Conn::H2 { sender, active }, true)),
+            pool::H2Slot::Wait(c) => c.wait().await?,
+            pool::H2Slot::Connect(g) => return Ok((pool::connect_h2(cluster, host, Some(g)).await?, false)),
+        }
+    }
+    // Connections keep filling up under us: make one of our own.
+    Ok((pool::connect_h2(cluster, host, None).await?, false))
 }
 
 fn is_upgrade(h: &HeaderMap) -> bool {
@@ -799,11 +839,6 @@ fn prepare_request(
         }
         if !h.contains_key(X_FORWARDED_PROTO) {
             h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        }
-    }
-    if cfg.generate_request_id && !h.contains_key(X_REQUEST_ID) {
-        if let Ok(v) = HeaderValue::from_bytes(&uuid_v4()) {
-            h.insert(X_REQUEST_ID, v);
         }
     }
     for m in [&route.mutations, &vh.mutations, &table.mutations] {
@@ -1005,6 +1040,11 @@ fn local_reply(
     };
     let mut resp = resp;
     *resp.version_mut() = version;
+    if flags.contains(ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR) && version != Version::HTTP_2 {
+        // After a protocol error the connection's framing can't be trusted: close it.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     finish_local(cx, log, resp, flags, details)
 }
 

@@ -25,3 +25,12 @@ mod worker;
 pub use body::RespBody;
 pub use flags::ResponseFlags;
 pub use server::{Options, Server, ServerState, StartError};
+
+/// Helpers for tests of this crate and its users. Not part of the proxy's behaviour.
+#[doc(hidden)]
+pub mod testing {
+    /// A TLS ClientHello record offering `sni` and `alpn`, as a client's first bytes.
+    pub fn client_hello(sni: Option<&str>, alpn: &[&str]) -> Vec<u8> {
+        crate::tls_inspect::build::client_hello(sni, alpn)
+    }
+}

@@ -41,7 +41,88 @@ pub(crate) struct H2Conn {
 struct Pools {
     h1: HashMap<u64, Vec<IdleH1>>,
     h2: HashMap<u64, Vec<H2Conn>>,
+    /// HTTP/2 connections being made, so concurrent requests wait for one instead of each dialling.
+    h2_connecting: HashMap<u64, Arc<Connecting>>,
     last_sweep: Option<Instant>,
+}
+
+/// An HTTP/2 connect in progress; waiters learn how it ended.
+#[derive(Default)]
+pub(crate) struct Connecting {
+    done: tokio::sync::Notify,
+    failure: std::sync::OnceLock<(io::ErrorKind, String, bool)>,
+}
+
+impl Connecting {
+    /// Waits for the connect to end; `Err` carries its failure.
+    pub(crate) async fn wait(&self) -> Result<(), ConnectError> {
+        let notified = self.done.notified();
+        if self.failure.get().is_none() {
+            notified.await;
+        }
+        match self.failure.get() {
+            Some((_, _, true)) => Err(ConnectError::Timeout),
+            Some((kind, msg, false)) => Err(ConnectError::Io(io::Error::new(*kind, msg.clone()))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What an HTTP/2 request should do for a connection.
+pub(crate) enum H2Slot {
+    /// Use this connection; a stream slot is taken.
+    Ready(H2Sender, Arc<AtomicU32>),
+    /// Another request is connecting: wait for it, then ask again.
+    Wait(Arc<Connecting>),
+    /// Connect; the caller is now the one others wait for.
+    Connect(ConnectingGuard),
+}
+
+/// Ends an HTTP/2 connect on drop (success, failure or cancellation) and wakes its waiters.
+pub(crate) struct ConnectingGuard {
+    host: u64,
+    state: Arc<Connecting>,
+}
+
+impl ConnectingGuard {
+    fn fail(&self, e: &ConnectError) {
+        let f = match e {
+            ConnectError::Timeout => (io::ErrorKind::TimedOut, "connect timeout".to_string(), true),
+            ConnectError::Io(e) => (e.kind(), e.to_string(), false),
+            ConnectError::Handshake(e) => (io::ErrorKind::InvalidData, format!("HTTP/2 handshake: {e}"), false),
+        };
+        let _ = self.state.failure.set(f);
+    }
+}
+
+impl Drop for ConnectingGuard {
+    fn drop(&mut self) {
+        let _ = POOLS.try_with(|p| p.borrow_mut().h2_connecting.remove(&self.host));
+        self.state.done.notify_waiters();
+    }
+}
+
+/// An HTTP/2 connection for `host` with a free stream, or what to do instead.
+pub(crate) fn h2_slot(host: u64, max_streams: u32, max_requests: u32) -> H2Slot {
+    if let Some((s, a)) = take_h2(host, max_streams, max_requests) {
+        return H2Slot::Ready(s, a);
+    }
+    POOLS
+        .try_with(|p| {
+            let mut p = p.borrow_mut();
+            if let Some(c) = p.h2_connecting.get(&host) {
+                return H2Slot::Wait(c.clone());
+            }
+            let state = Arc::new(Connecting::default());
+            p.h2_connecting.insert(host, state.clone());
+            H2Slot::Connect(ConnectingGuard { host, state })
+        })
+        .unwrap_or_else(|_| {
+            H2Slot::Connect(ConnectingGuard {
+                host,
+                state: Arc::default(),
+            })
+        })
 }
 
 thread_local! {
@@ -130,7 +211,7 @@ fn sweep(p: &mut Pools, now: Instant, idle_timeout: Duration) {
 }
 
 /// A live HTTP/2 connection to `host` with a free stream slot, the slot already taken.
-pub(crate) fn take_h2(host: u64, max_streams: u32, max_requests: u32) -> Option<(H2Sender, Arc<AtomicU32>)> {
+fn take_h2(host: u64, max_streams: u32, max_requests: u32) -> Option<(H2Sender, Arc<AtomicU32>)> {
     POOLS
         .try_with(|p| {
             let mut p = p.borrow_mut();
@@ -162,6 +243,32 @@ pub(crate) enum ConnectError {
 /// Opens a new connection to `host`. An HTTP/2 connection joins the worker's pool at once so
 /// concurrent requests share it; an HTTP/1 connection is the caller's until the response ends.
 pub(crate) async fn connect(cluster: &ClusterRt, host: &Arc<Host>, h2: bool) -> Result<Conn, ConnectError> {
+    if h2 {
+        // Callers that did not go through `h2_slot` still announce the connect.
+        let guard = match h2_slot(host.id, 0, 0) {
+            H2Slot::Connect(g) => Some(g),
+            _ => None,
+        };
+        return connect_h2(cluster, host, guard).await;
+    }
+    connect_inner(cluster, host, false).await
+}
+
+/// Makes the HTTP/2 connection `guard` stands for; waiters learn the outcome when it drops.
+pub(crate) async fn connect_h2(
+    cluster: &ClusterRt,
+    host: &Arc<Host>,
+    guard: Option<ConnectingGuard>,
+) -> Result<Conn, ConnectError> {
+    let r = connect_inner(cluster, host, true).await;
+    if let (Err(e), Some(g)) = (&r, &guard) {
+        g.fail(e);
+    }
+    drop(guard);
+    r
+}
+
+async fn connect_inner(cluster: &ClusterRt, host: &Arc<Host>, h2: bool) -> Result<Conn, ConnectError> {
     let stream = connect_tcp(cluster, host).await?;
     let guard = ConnGuard::new(cluster, host);
     if h2 {

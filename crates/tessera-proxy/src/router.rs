@@ -266,17 +266,24 @@ impl RouteTable {
     }
 
     /// The virtual host for `host`: exact, then longest `*.suffix`, then longest `prefix.*`, then `*`.
-    /// A host with a port is tried as written, then without the port.
+    /// A host with a port matches an exact `host:port` domain, else is matched without its port.
     pub(crate) fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
         let lower: Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             Cow::Owned(host.to_ascii_lowercase())
         } else {
             Cow::Borrowed(host)
         };
-        let idx = self
-            .lookup(&lower)
-            .or_else(|| strip_port(&lower).and_then(|h| self.lookup(h)))
-            .or(self.any)?;
+        let idx = match strip_port(&lower) {
+            // `host:port` may be listed as such; otherwise the port plays no part.
+            Some(bare) => self
+                .exact
+                .get(lower.as_ref())
+                .copied()
+                .or_else(|| self.lookup(bare))
+                .or_else(|| self.lookup(&lower)),
+            None => self.lookup(&lower),
+        }
+        .or(self.any)?;
         self.vhosts.get(idx)
     }
 

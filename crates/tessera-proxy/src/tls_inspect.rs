@@ -125,8 +125,8 @@ fn parse_hello(r: &mut Reader<'_>) -> Option<ClientHello> {
     Some(hello)
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// Test helpers shared with the integration tests.
+pub(crate) mod build {
     use super::*;
 
     /// Builds a minimal ClientHello record with the given SNI and ALPN.
@@ -169,6 +169,12 @@ pub(crate) mod tests {
         rec.extend(hs);
         rec
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build::client_hello;
+    use super::*;
 
     #[test]
     fn reads_sni_and_alpn() {
