@@ -88,10 +88,10 @@ impl<'n> Obj<'n> {
         };
         // Duplicate keys are almost always a copy-paste mistake; YAML itself allows them silently.
         for (i, (k, _)) in entries.iter().enumerate() {
-            if let Some(name) = key_text(k) {
-                if entries[..i].iter().any(|(p, _)| key_text(p) == Some(name)) {
-                    ctx.error(k.mark, &path.field(name), "duplicate key");
-                }
+            if let Some(name) = key_text(k)
+                && entries[..i].iter().any(|(p, _)| key_text(p) == Some(name))
+            {
+                ctx.error(k.mark, &path.field(name), "duplicate key");
             }
         }
         Some(Obj {

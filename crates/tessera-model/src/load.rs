@@ -146,10 +146,11 @@ fn check_listener_unique(
             );
         }
     }
-    if let Some(a) = admin {
-        if a.address == l.address && l.address.port() != 0 {
-            ctx.error(mark, &p.field("address"), format!("{} is the admin address", l.address));
-        }
+    if let Some(a) = admin
+        && a.address == l.address
+        && l.address.port() != 0
+    {
+        ctx.error(mark, &p.field("address"), format!("{} is the admin address", l.address));
     }
 }
 
@@ -242,7 +243,8 @@ fn decode_chain_match(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<FilterChainMa
         destination_port: o.uint(ctx, "destination_port", 1, 65535),
         server_names: o.list(ctx, "server_names", |ctx, n, p| {
             let s = string(ctx, n, p)?.to_ascii_lowercase();
-            if s.contains('*') && !(s.starts_with("*.") && !s[2..].contains('*')) {
+            let valid_wildcard = s.strip_prefix("*.").is_some_and(|rest| !rest.contains('*'));
+            if s.contains('*') && !valid_wildcard {
                 ctx.error(
                     n.mark,
                     p,
@@ -468,15 +470,15 @@ fn decode_header_value_option(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Heade
             Some(false) => AppendAction::OverwriteIfExistsOrAdd,
             _ => AppendAction::AppendIfExistsOrAdd,
         });
-    if let Some(v) = &value {
-        if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-            ctx.error(
-                o.mark,
-                &o.path.field("value"),
-                "header values cannot contain CR, LF or NUL",
-            );
-            return None;
-        }
+    if let Some(v) = &value
+        && v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
+    {
+        ctx.error(
+            o.mark,
+            &o.path.field("value"),
+            "header values cannot contain CR, LF or NUL",
+        );
+        return None;
     }
     o.finish(ctx);
     Some(HeaderValueOption {

@@ -49,10 +49,10 @@ impl LogSpec {
                     if name.starts_with(':') {
                         continue;
                     }
-                    if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                        if !list.contains(&n) {
-                            list.push(n);
-                        }
+                    if let Ok(n) = HeaderName::from_bytes(name.as_bytes())
+                        && !list.contains(&n)
+                    {
+                        list.push(n);
                     }
                 }
             }
@@ -322,14 +322,14 @@ fn header(h: &HeaderRef, rec: &LogRecord, response: bool) -> Option<String> {
             .map(|(_, v)| String::from_utf8_lossy(v.as_bytes()).into_owned())
     };
     let mut v = lookup(&h.name).or_else(|| h.alt.as_deref().and_then(lookup))?;
-    if let Some(max) = h.max_len {
-        if v.len() > max {
-            let mut cut = max;
-            while !v.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            v.truncate(cut);
+    if let Some(max) = h.max_len
+        && v.len() > max
+    {
+        let mut cut = max;
+        while !v.is_char_boundary(cut) {
+            cut -= 1;
         }
+        v.truncate(cut);
     }
     Some(v)
 }

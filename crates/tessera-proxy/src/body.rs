@@ -31,10 +31,10 @@ pub(crate) struct ReqBody {
 
 impl ReqBody {
     pub(crate) fn new(inner: Incoming, track: Option<Arc<ReqTrack>>) -> ReqBody {
-        if let Some(t) = &track {
-            if inner.is_end_stream() {
-                t.done.store(true, Ordering::Relaxed);
-            }
+        if let Some(t) = &track
+            && inner.is_end_stream()
+        {
+            t.done.store(true, Ordering::Relaxed);
         }
         ReqBody {
             inner: Some(inner),

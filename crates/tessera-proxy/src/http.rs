@@ -284,10 +284,11 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
     }
     cx.begin();
     let (mut parts, body) = req.into_parts();
-    if chain.cfg.generate_request_id && !parts.headers.contains_key(X_REQUEST_ID) {
-        if let Ok(v) = HeaderValue::from_bytes(&uuid_v4()) {
-            parts.headers.insert(X_REQUEST_ID, v);
-        }
+    if chain.cfg.generate_request_id
+        && !parts.headers.contains_key(X_REQUEST_ID)
+        && let Ok(v) = HeaderValue::from_bytes(&uuid_v4())
+    {
+        parts.headers.insert(X_REQUEST_ID, v);
     }
     let grpc = router::is_grpc(&parts.headers);
     let mut log = chain.logs.as_ref().map(|spec| {
@@ -297,8 +298,9 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
     });
 
     // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; HTTP/2 needs an authority.
-    let hosts = parts.headers.get_all(header::HOST).iter().count();
-    if hosts > 1 || (authority(&parts).is_empty() && parts.version != Version::HTTP_10) {
+    let mut host_values = parts.headers.get_all(header::HOST).iter();
+    let hosts = usize::from(host_values.next().is_some()) + usize::from(host_values.next().is_some());
+    if hosts > 1 || (hosts == 0 && parts.uri.authority().is_none() && parts.version != Version::HTTP_10) {
         let details = if hosts > 1 {
             "multiple_host_headers"
         } else {
@@ -598,11 +600,9 @@ async fn forward(
     strip_response_hop_by_hop(&mut rparts.headers, switching);
     response_mutations(&mut rparts.headers, table, vh, route);
     rparts.version = version;
-    if switching {
-        if let (Some(down), Some(up)) = (down_upgrade, rparts.extensions.remove::<OnUpgrade>()) {
-            chain.stats.downstream_cx_upgrades_total.inc();
-            tokio::spawn(tunnel(down, up));
-        }
+    if switching && let (Some(down), Some(up)) = (down_upgrade, rparts.extensions.remove::<OnUpgrade>()) {
+        chain.stats.downstream_cx_upgrades_total.inc();
+        tokio::spawn(tunnel(down, up));
     }
     if let Some(l) = log.as_mut() {
         l.response_code = status.as_u16();
@@ -756,9 +756,41 @@ fn is_upgrade(h: &HeaderMap) -> bool {
         })
 }
 
-/// Removes hop-by-hop headers, including any the `Connection` header names.
+const HOP_CONNECTION: u8 = 1;
+const HOP_OTHER: u8 = 2;
+const HOP_TE: u8 = 4;
+const HOP_UPGRADE: u8 = 8;
+const HOP_EXPECT: u8 = 16;
+
+/// Which hop-by-hop headers are present, in one pass over the names (most requests have none,
+/// and comparing standard names is cheaper than hashing for each of them).
+fn hop_by_hop_present(h: &HeaderMap) -> u8 {
+    let mut found = 0;
+    for k in h.keys() {
+        found |= if k == header::CONNECTION {
+            HOP_CONNECTION
+        } else if k == header::TRANSFER_ENCODING {
+            HOP_OTHER
+        } else if k == header::TE {
+            HOP_TE
+        } else if k == header::UPGRADE {
+            HOP_UPGRADE
+        } else if k == header::EXPECT {
+            HOP_EXPECT
+        } else if k == KEEP_ALIVE || k == PROXY_CONNECTION || k == HTTP2_SETTINGS {
+            HOP_OTHER
+        } else {
+            0
+        };
+    }
+    found
+}
+
+/// Removes hop-by-hop headers, including any the `Connection` header names, and `Expect`
+/// (the proxy answers `100-continue` itself: hyper does when the body is first read).
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    if h.contains_key(header::CONNECTION) {
+    let found = hop_by_hop_present(h);
+    if found & HOP_CONNECTION != 0 {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
@@ -779,30 +811,42 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         }
         h.remove(header::CONNECTION);
     }
-    h.remove(KEEP_ALIVE);
-    h.remove(PROXY_CONNECTION);
-    h.remove(header::TRANSFER_ENCODING);
-    h.remove(HTTP2_SETTINGS);
-    if let Some(te) = h.get(header::TE) {
-        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            h.remove(header::TE);
-        }
+    if found & HOP_OTHER != 0 {
+        h.remove(KEEP_ALIVE);
+        h.remove(PROXY_CONNECTION);
+        h.remove(header::TRANSFER_ENCODING);
+        h.remove(HTTP2_SETTINGS);
+    }
+    if found & HOP_EXPECT != 0 {
+        h.remove(header::EXPECT);
+    }
+    if found & HOP_TE != 0
+        && h.get(header::TE)
+            .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        h.remove(header::TE);
     }
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if found & HOP_UPGRADE != 0 {
         h.remove(header::UPGRADE);
     }
 }
 
 fn strip_response_hop_by_hop(h: &mut HeaderMap, switching: bool) {
+    let found = hop_by_hop_present(h);
+    if found == 0 {
+        return;
+    }
     if !switching {
         h.remove(header::CONNECTION);
         h.remove(header::UPGRADE);
     }
-    h.remove(KEEP_ALIVE);
-    h.remove(PROXY_CONNECTION);
-    h.remove(header::TRANSFER_ENCODING);
+    if found & HOP_OTHER != 0 {
+        h.remove(KEEP_ALIVE);
+        h.remove(PROXY_CONNECTION);
+        h.remove(header::TRANSFER_ENCODING);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -820,8 +864,6 @@ fn prepare_request(
     let cfg = &cx.chain.cfg;
     let h = &mut parts.headers;
     strip_hop_by_hop(h, upgrade);
-    // We answer `Expect: 100-continue` ourselves (hyper does when the body is first read).
-    h.remove(header::EXPECT);
     if cfg.use_remote_address {
         match h.get(X_FORWARDED_FOR) {
             Some(prev) => {
@@ -847,10 +889,10 @@ fn prepare_request(
         }
     }
     let new_path = router::rewrite_path(f, &route.matcher, parts.uri.path());
-    if new_path.is_some() {
-        if let Ok(v) = HeaderValue::from_str(parts.uri.path()) {
-            parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
-        }
+    if new_path.is_some()
+        && let Ok(v) = HeaderValue::from_str(parts.uri.path())
+    {
+        parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
     }
     let new_authority = f.host_rewrite.clone().or_else(|| {
         if f.auto_host_rewrite {
@@ -914,14 +956,13 @@ fn set_target(parts: &mut Parts, new_path: Option<String>, new_authority: Option
         parts.version = Version::HTTP_11;
         if let Some(a) = new_authority {
             parts.headers.insert(header::HOST, a);
-        } else if !parts.headers.contains_key(header::HOST) {
-            if let Some(a) = parts
+        } else if !parts.headers.contains_key(header::HOST)
+            && let Some(a) = parts
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, a);
-            }
+        {
+            parts.headers.insert(header::HOST, a);
         }
         if path_and_query.is_some() || parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             let pq = path_and_query

@@ -260,8 +260,8 @@ impl RouteTable {
             });
         }
         // Envoy: longer wildcard matches win over shorter ones.
-        t.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        t.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        t.suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        t.prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         Ok(t)
     }
 
@@ -489,11 +489,12 @@ pub(crate) fn redirect_location(
     };
     // A path_redirect that carries its own query replaces the original one.
     let has_own_query = r.path_redirect.as_deref().is_some_and(|p| p.contains('?'));
-    if !r.strip_query && !has_own_query {
-        if let Some(q) = query {
-            path_out.push('?');
-            path_out.push_str(q);
-        }
+    if !r.strip_query
+        && !has_own_query
+        && let Some(q) = query
+    {
+        path_out.push('?');
+        path_out.push_str(q);
     }
     format!("{scheme_out}://{host_out}{path_out}")
 }

@@ -177,7 +177,9 @@ impl Stats {
     /// Prometheus text exposition, one `# TYPE` line per family.
     pub(crate) fn render_prometheus(&self) -> String {
         let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let mut families: BTreeMap<&str, (bool, Vec<(&str, i128)>)> = BTreeMap::new();
+        // family -> (is a counter, [(labels, value)])
+        type Family<'a> = (bool, Vec<(&'a str, i128)>);
+        let mut families: BTreeMap<&str, Family<'_>> = BTreeMap::new();
         for e in map.values() {
             let is_counter = matches!(e.metric, Metric::Counter(_));
             families

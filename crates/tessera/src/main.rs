@@ -158,8 +158,7 @@ async fn sidecar(
     opts.admin = admin;
     let server = Server::start(cfg, opts).await.context("cannot start the sidecar")?;
     announce(&server, &path);
-    let watch = (!watch_interval.is_zero()).then(|| (path.clone(), watch_interval));
-    let reason = run_until_stop(&server, watch).await?;
+    let reason = run_until_stop(&server, &path, (!watch_interval.is_zero()).then_some(watch_interval)).await?;
     let drain = drain_time.unwrap_or(server.config().drain_time);
     tracing::info!(%reason, drain = ?drain, "draining, then exiting");
     server.shutdown(drain).await;
@@ -178,34 +177,26 @@ fn announce(server: &Server, path: &Path) {
     }
 }
 
-/// Serves until SIGTERM, SIGINT or `/quitquitquit`, reloading on SIGHUP and on file changes.
-async fn run_until_stop(server: &Server, watch: Option<(PathBuf, Duration)>) -> anyhow::Result<&'static str> {
+/// Serves until SIGTERM, SIGINT or `/quitquitquit`, reloading `path` on SIGHUP and, when
+/// `watch` is set, whenever its content changes (checked at that interval).
+async fn run_until_stop(server: &Server, path: &Path, watch: Option<Duration>) -> anyhow::Result<&'static str> {
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let mut last = match &watch {
-        Some((p, _)) => tokio::fs::read(p).await.ok(),
-        None => None,
-    };
-    let mut tick = tokio::time::interval(watch.as_ref().map_or(Duration::from_secs(3600), |w| w.1));
+    let mut last = tokio::fs::read(path).await.ok();
+    let mut tick = tokio::time::interval(watch.unwrap_or(Duration::from_secs(3600)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                if let Some((p, _)) = &watch {
-                    last = tokio::fs::read(p).await.ok();
-                    reload(server, p, "SIGHUP").await;
-                } else {
-                    tracing::warn!("SIGHUP ignored: no config file to reload");
-                }
+                last = tokio::fs::read(path).await.ok();
+                reload(server, path, "SIGHUP").await;
             }
             _ = tick.tick(), if watch.is_some() => {
-                if let Some((p, _)) = &watch {
-                    let now = tokio::fs::read(p).await.ok();
-                    if now.is_some() && now != last {
-                        last = now;
-                        reload(server, p, "file changed").await;
-                    }
+                let now = tokio::fs::read(path).await.ok();
+                if now.is_some() && now != last {
+                    last = now;
+                    reload(server, path, "file changed").await;
                 }
             }
             _ = term.recv() => return Ok("SIGTERM"),

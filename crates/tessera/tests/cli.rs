@@ -1,0 +1,258 @@
+//! The binary as users run it: `--version`, `check`, `sidecar` with reloads and signals, and the
+//! README's quickstart mesh.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn version() {
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("tessera {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_accepts_the_examples() {
+    let ex = repo().join("examples");
+    let out = Command::new(bin())
+        .arg("check")
+        .arg(ex.join("http-proxy.yaml"))
+        .arg(ex.join("tcp-proxy.yaml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("http-proxy.yaml: OK (1 listeners, 1 clusters)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_reports_every_error_with_file_line_and_field() {
+    let dir = TempDir::new("check");
+    let f = dir.write(
+        "bad.yaml",
+        "listeners:\n- name: l\n  address: 127.0.0.1:99999\n  filter_chains:\n  - tcp_proxy: { cluster: missing }\nclusters:\n- { name: c, conect_timeout: 1s, endpoints: [] }\n",
+    );
+    let out = Command::new(bin()).arg("check").arg(&f).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let file = f.display().to_string();
+    assert!(stdout.contains("3 errors in configuration"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "{file}:3:12: listeners[0].address: expected an IP address and port"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{file}:5:27: listeners[0].filter_chains[0].tcp_proxy.cluster: unknown cluster `missing`"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{file}:7:14: clusters[0].conect_timeout: unknown field `conect_timeout`, did you mean `connect_timeout`?"
+        )),
+        "{stdout}"
+    );
+    let missing = Command::new(bin())
+        .arg("check")
+        .arg(dir.path("nope.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stdout).contains("cannot read"));
+}
+
+#[test]
+fn sidecar_refuses_a_bad_config_at_start() {
+    let dir = TempDir::new("badstart");
+    let f = dir.write("bad.yaml", "listeners: 3\n");
+    let out = Command::new(bin())
+        .args(["sidecar", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listeners: expected a list, found a scalar"));
+}
+
+fn direct_config(listen: u16, admin: u16, body: &str) -> String {
+    format!(
+        "admin: {{ address: \"127.0.0.1:{admin}\" }}\nlisteners:\n- name: http\n  address: 127.0.0.1:{listen}\n  filter_chains:\n  - http:\n      route_config:\n        virtual_hosts:\n        - {{ name: v, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, direct_response: {{ status: 200, body: \"{body}\" }} }}] }}\n"
+    )
+}
+
+#[test]
+fn sidecar_reloads_on_file_change_and_keeps_the_old_config_on_errors() {
+    let dir = TempDir::new("reload");
+    let (port, admin) = (free_port(), free_port());
+    let f = dir.write("s.yaml", &direct_config(port, admin, "v1"));
+    let p = Proc::tessera(&[
+        "sidecar",
+        "--config",
+        f.to_str().unwrap(),
+        "--concurrency",
+        "2",
+        "--watch-interval",
+        "100ms",
+    ]);
+    let url = format!("http://127.0.0.1:{port}/");
+    wait_status(&url, "200", Duration::from_secs(10));
+    assert_eq!(curl_ok(&[&url]), "v1");
+
+    std::fs::write(&f, direct_config(port, admin, "v2")).unwrap();
+    p.wait_log("configuration reloaded", Duration::from_secs(5));
+    assert_eq!(curl_ok(&[&url]), "v2");
+
+    std::fs::write(&f, "listeners:\n- name: http\n  adress: nowhere\n").unwrap();
+    p.wait_log("configuration rejected", Duration::from_secs(5));
+    assert!(
+        p.log()
+            .contains("listeners[0].adress: unknown field `adress`, did you mean `address`?"),
+        "{}",
+        p.log()
+    );
+    assert_eq!(curl_ok(&[&url]), "v2", "a bad file leaves the running config alone");
+}
+
+#[test]
+fn sidecar_reloads_on_sighup() {
+    let dir = TempDir::new("hup");
+    let (port, admin) = (free_port(), free_port());
+    let f = dir.write("s.yaml", &direct_config(port, admin, "before"));
+    let p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap(), "--watch-interval", "0s"]);
+    let url = format!("http://127.0.0.1:{port}/");
+    wait_status(&url, "200", Duration::from_secs(10));
+    std::fs::write(&f, direct_config(port, admin, "after")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        curl_ok(&[&url]),
+        "before",
+        "no watching: the file alone changes nothing"
+    );
+    p.signal("HUP");
+    p.wait_log("reason=\"SIGHUP\"", Duration::from_secs(5));
+    assert_eq!(curl_ok(&[&url]), "after");
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let (_svc, svc_addr) = sample_service("slow");
+    let dir = TempDir::new("term");
+    let (port, admin) = (free_port(), free_port());
+    let f = dir.write("s.yaml", &sidecar_config(port, admin, svc_addr, "http1"));
+    let mut p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
+    wait_status(
+        &format!("http://127.0.0.1:{admin}/ready"),
+        "200",
+        Duration::from_secs(10),
+    );
+    let url = format!("http://127.0.0.1:{port}/delay/1000");
+    let inflight = std::thread::spawn(move || curl(&["-w", " %{http_code}", &url]));
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    p.signal("TERM");
+    let out = inflight.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "waited 1000ms\n 200",
+        "the in-flight request finished"
+    );
+    let status = p.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "log:\n{}", p.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "exited once drained, not at the drain deadline"
+    );
+    assert!(p.log().contains("reason=SIGTERM"), "{}", p.log());
+}
+
+#[test]
+fn quitquitquit_exits_cleanly() {
+    let dir = TempDir::new("quit");
+    let (port, admin) = (free_port(), free_port());
+    let f = dir.write("s.yaml", &direct_config(port, admin, "x"));
+    let mut p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
+    wait_status(
+        &format!("http://127.0.0.1:{admin}/ready"),
+        "200",
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        curl_ok(&["-X", "POST", &format!("http://127.0.0.1:{admin}/quitquitquit")]),
+        "OK\n"
+    );
+    assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(0));
+}
+
+/// The README's first command, on the shipped files, with free ports substituted for the fixed ones.
+#[test]
+fn quickstart_mesh_answers_curl() {
+    let dir = TempDir::new("quickstart");
+    let ex = repo().join("examples");
+    let (svc, listen, admin) = (free_port(), free_port(), free_port());
+    let sub = |s: String| {
+        s.replace("127.0.0.1:18080", &format!("127.0.0.1:{svc}"))
+            .replace("127.0.0.1:10000", &format!("127.0.0.1:{listen}"))
+            .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
+    };
+    dir.write(
+        "quickstart.yaml",
+        &sub(std::fs::read_to_string(ex.join("quickstart.yaml")).unwrap()),
+    );
+    dir.write(
+        "http-proxy.yaml",
+        &sub(std::fs::read_to_string(ex.join("http-proxy.yaml")).unwrap()),
+    );
+    let mut p = Proc::tessera(&["up", dir.path("quickstart.yaml").to_str().unwrap()]);
+    let url = format!("http://127.0.0.1:{listen}/");
+    wait_status(&url, "200", Duration::from_secs(10));
+    assert_eq!(curl_ok(&[&url]), "hello from hello (/)\n");
+    let h2 = curl_ok(&["--http2-prior-knowledge", &format!("http://127.0.0.1:{listen}/headers")]);
+    let v: serde_json::Value = serde_json::from_str(&h2).unwrap();
+    assert_eq!(v["version"], "HTTP/2.0", "h2c end to end with protocol: downstream");
+    assert_eq!(v["headers"]["x-forwarded-for"], "127.0.0.1");
+    let stats = curl_ok(&[&format!("http://127.0.0.1:{admin}/stats")]);
+    assert!(
+        stats.contains("cluster.service.upstream_rq_2xx: 3"),
+        "the readiness poll and two requests: {stats}"
+    );
+    assert!(
+        p.log().contains(&format!("try: curl http://127.0.0.1:{listen}/")),
+        "{}",
+        p.log()
+    );
+    p.signal("INT");
+    assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(0));
+}
+
+/// `examples/tcp-proxy.yaml` as shipped, with free ports.
+#[test]
+fn tcp_example_proxies_bytes() {
+    let (_svc, svc_addr) = sample_service("tcp-backend");
+    let dir = TempDir::new("tcpex");
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = std::fs::read_to_string(repo().join("examples/tcp-proxy.yaml"))
+        .unwrap()
+        .replace("127.0.0.1:18080", &svc_addr.to_string())
+        .replace("127.0.0.1:10001", &format!("127.0.0.1:{listen}"))
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"));
+    let f = dir.write("tcp.yaml", &cfg);
+    let _p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
+    let url = format!("http://127.0.0.1:{listen}/tcp");
+    wait_status(&url, "200", Duration::from_secs(10));
+    assert_eq!(curl_ok(&[&url]), "hello from tcp-backend (/tcp)\n");
+    let stats = curl_ok(&[&format!("http://127.0.0.1:{admin}/stats?filter=%5Etcp")]);
+    assert!(stats.contains("tcp.tcp.downstream_cx_total: "), "{stats}");
+}
