@@ -122,6 +122,8 @@ pub(crate) struct ClusterStats {
     pub(crate) upstream_rq_xx: [Arc<Counter>; 5],
     pub(crate) upstream_rq_timeout: Arc<Counter>,
     pub(crate) upstream_rq_rx_reset: Arc<Counter>,
+    /// Requests the proxy reset upstream because the client went away.
+    pub(crate) upstream_rq_tx_reset: Arc<Counter>,
     pub(crate) membership_total: Arc<Gauge>,
     pub(crate) update_success: Arc<Counter>,
     pub(crate) update_failure: Arc<Counter>,
@@ -151,6 +153,7 @@ impl ClusterStats {
             ],
             upstream_rq_timeout: c("upstream_rq_timeout"),
             upstream_rq_rx_reset: c("upstream_rq_rx_reset"),
+            upstream_rq_tx_reset: c("upstream_rq_tx_reset"),
             membership_total: stats.gauge(&s, "membership_total"),
             update_success: c("update_success"),
             update_failure: c("update_failure"),

@@ -166,11 +166,13 @@ impl ConnCtx {
         self.chain.stats.downstream_rq_active.inc();
     }
 
-    /// Settles a stream: counters, idle tracking and the access log.
+    /// Settles a stream: counters, idle tracking and the access log. Status 0: no response went out.
     fn end(&self, status: u16, log: Option<Box<LogRecord>>) {
         let s = &self.chain.stats;
         s.downstream_rq_active.dec();
-        s.downstream_rq_completed.inc();
+        if status != 0 {
+            s.downstream_rq_completed.inc();
+        }
         if let Some(c) = s.downstream_rq_xx.get(usize::from(status / 100).wrapping_sub(1)) {
             c.inc();
         }
@@ -179,6 +181,104 @@ impl ConnCtx {
         self.active.fetch_sub(1, Ordering::Relaxed);
         if let (Some(log), Some(sink)) = (log, &self.sink) {
             sink.send(log);
+        }
+    }
+}
+
+/// One request, from its headers to its last response byte. It owns the request's accounting:
+/// `finish` settles the counters and writes the access log. If it is dropped unfinished (the
+/// client went away and hyper dropped the request or its response), the request is counted and
+/// logged as a downstream reset (`DC`): never lost silently.
+pub(crate) struct Stream {
+    cx: Arc<ConnCtx>,
+    log: Option<Box<LogRecord>>,
+    /// The upstream request in flight, once one was sent.
+    upstream: Option<(Arc<ClusterRt>, Arc<Host>)>,
+    start: Instant,
+    done: bool,
+}
+
+impl Stream {
+    fn new(cx: Arc<ConnCtx>, log: Option<Box<LogRecord>>, start: Instant) -> Stream {
+        cx.begin();
+        Stream {
+            cx,
+            log,
+            upstream: None,
+            start,
+            done: false,
+        }
+    }
+
+    fn log(&mut self) -> Option<&mut LogRecord> {
+        self.log.as_deref_mut()
+    }
+
+    /// Counts the request as sent to `host` of `cluster`.
+    fn sent(&mut self, cluster: Arc<ClusterRt>, host: Arc<Host>) {
+        cluster.stats.upstream_rq_total.inc();
+        cluster.stats.upstream_rq_active.inc();
+        host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+        host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+        self.upstream = Some((cluster, host));
+    }
+
+    /// The upstream request failed before any response (the proxy answers instead).
+    fn upstream_failed(&mut self, timeout: bool) {
+        if let Some((cluster, host)) = self.upstream.take() {
+            cluster.stats.upstream_rq_active.dec();
+            host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+            host.stats.rq_error.fetch_add(1, Ordering::Relaxed);
+            if timeout {
+                host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Ends the stream after a response with `status` (0: none) ended as `ending`.
+    fn finish(mut self, status: u16, ending: Ending, bytes_sent: u64) {
+        self.settle(status, ending, bytes_sent);
+    }
+
+    fn settle(&mut self, status: u16, ending: Ending, bytes_sent: u64) {
+        self.done = true;
+        if let Some((cluster, host)) = self.upstream.take() {
+            cluster.stats.upstream_rq_active.dec();
+            host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+            if ending == Ending::Complete && (1..500).contains(&status) {
+                host.stats.rq_success.fetch_add(1, Ordering::Relaxed);
+            } else {
+                host.stats.rq_error.fetch_add(1, Ordering::Relaxed);
+            }
+            match ending {
+                Ending::Complete => {}
+                Ending::UpstreamError => cluster.stats.upstream_rq_rx_reset.inc(),
+                Ending::Dropped => cluster.stats.upstream_rq_tx_reset.inc(),
+            }
+        }
+        if ending == Ending::Dropped {
+            self.cx.chain.stats.downstream_rq_rx_reset.inc();
+        }
+        let mut log = self.log.take();
+        if let Some(l) = log.as_mut() {
+            l.bytes_sent = bytes_sent;
+            l.duration = Some(self.start.elapsed());
+            match ending {
+                Ending::Complete => {}
+                Ending::UpstreamError => l.flags.insert(ResponseFlags::UPSTREAM_REMOTE_RESET),
+                Ending::Dropped => l.flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION),
+            }
+        }
+        self.cx.end(status, log);
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::debug!(remote = %self.cx.remote, "client went away before the response ended");
+            let status = self.log.as_ref().map_or(0, |l| l.response_code);
+            self.settle(status, Ending::Dropped, 0);
         }
     }
 }
@@ -282,7 +382,6 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
     } else {
         stats.downstream_rq_http1_total.inc();
     }
-    cx.begin();
     let (mut parts, body) = req.into_parts();
     if chain.cfg.generate_request_id
         && !parts.headers.contains_key(X_REQUEST_ID)
@@ -291,11 +390,12 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
         parts.headers.insert(X_REQUEST_ID, v);
     }
     let grpc = router::is_grpc(&parts.headers);
-    let mut log = chain.logs.as_ref().map(|spec| {
+    let log = chain.logs.as_ref().map(|spec| {
         let mut r = Box::new(LogRecord::new(spec, cx.remote, cx.local, cx.id));
         r.capture_request(&parts, authority(&parts));
         r
     });
+    let mut st = Stream::new(cx, log, start);
 
     // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; HTTP/2 needs an authority.
     let mut host_values = parts.headers.get_all(header::HOST).iter();
@@ -307,8 +407,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
             "missing_host_header"
         };
         return Ok(local_reply(
-            &cx,
-            log,
+            st,
             grpc,
             parts.version,
             StatusCode::BAD_REQUEST,
@@ -320,8 +419,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
     if parts.headers.len() > chain.max_headers {
         stats.downstream_rq_too_many_headers.inc();
         return Ok(local_reply(
-            &cx,
-            log,
+            st,
             grpc,
             parts.version,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -343,8 +441,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
     let Some((vh, route)) = found else {
         stats.no_route.inc();
         return Ok(local_reply(
-            &cx,
-            log,
+            st,
             grpc,
             parts.version,
             StatusCode::NOT_FOUND,
@@ -354,7 +451,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
         ));
     };
     tracing::trace!(virtual_host = %vh.name, route = ?route.name, "routed");
-    if let Some(l) = log.as_mut() {
+    if let Some(l) = st.log() {
         l.route_name = route.name.clone();
     }
     let resp = match &route.action {
@@ -367,7 +464,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             }
             response_mutations(resp.headers_mut(), &table, vh, route);
-            finish_local(&cx, log, resp, ResponseFlags::NONE, "direct_response")
+            finish_local(st, resp, ResponseFlags::NONE, "direct_response")
         }
         Action::Redirect(r) => {
             stats.rq_redirect.inc();
@@ -388,9 +485,9 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
                 Err(_) => *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
             }
             response_mutations(resp.headers_mut(), &table, vh, route);
-            finish_local(&cx, log, resp, ResponseFlags::NONE, "redirect")
+            finish_local(st, resp, ResponseFlags::NONE, "redirect")
         }
-        Action::Forward(f) => forward(cx, parts, body, &table, vh, route, f, start, log, grpc).await,
+        Action::Forward(f) => forward(st, parts, body, &table, vh, route, f, grpc).await,
     };
     Ok(resp)
 }
@@ -412,26 +509,24 @@ enum Fail {
 
 #[allow(clippy::too_many_arguments)]
 async fn forward(
-    cx: Arc<ConnCtx>,
+    mut st: Stream,
     mut parts: Parts,
     body: Incoming,
     table: &RouteTable,
     vh: &VirtualHost,
     route: &Route,
     f: &Forward,
-    start: Instant,
-    mut log: Option<Box<LogRecord>>,
     grpc: bool,
 ) -> Response<RespBody> {
+    let start = st.start;
     let cluster = f.target.pick().clone();
-    if let Some(l) = log.as_mut() {
+    if let Some(l) = st.log() {
         l.upstream_cluster = Some(cluster.name().to_string());
     }
     let version = parts.version;
     let Some(host) = cluster.pick() else {
         return local_reply(
-            &cx,
-            log,
+            st,
             grpc,
             version,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -440,7 +535,7 @@ async fn forward(
             "no_healthy_upstream",
         );
     };
-    if let Some(l) = log.as_mut() {
+    if let Some(l) = st.log() {
         l.upstream_host = Some(host.addr);
     }
     let to_h2 = match cluster.cfg.protocol {
@@ -454,21 +549,17 @@ async fn forward(
     } else {
         None
     };
-    prepare_request(&cx, &mut parts, table, vh, route, f, &host, to_h2, upgrade);
-    if let Some(l) = log.as_mut() {
+    prepare_request(&st.cx, &mut parts, table, vh, route, f, &host, to_h2, upgrade);
+    if let Some(l) = st.log() {
         // Envoy's %REQ()% sees the request as sent upstream (rewritten path, x-envoy-original-path).
         l.req_headers.clear();
         l.capture_request(&parts, authority(&parts));
     }
 
-    let chain = &cx.chain;
-    let track: Option<Arc<ReqTrack>> = (log.is_some() || chain.request_timeout.is_some()).then(Arc::default);
+    let chain = st.cx.chain.clone();
+    let track: Option<Arc<ReqTrack>> = (st.log.is_some() || chain.request_timeout.is_some()).then(Arc::default);
     let req = Request::from_parts(parts, ReqBody::new(body, track.clone()));
-
-    cluster.stats.upstream_rq_total.inc();
-    cluster.stats.upstream_rq_active.inc();
-    host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
-    host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+    st.sent(cluster.clone(), host.clone());
 
     enum Outcome {
         Sent(Result<(Response<Incoming>, Pooled), Fail>),
@@ -504,26 +595,16 @@ async fn forward(
             }
         }
     };
-    if let (Some(l), Some(t)) = (log.as_mut(), track.as_ref()) {
+    if let (Some(l), Some(t)) = (st.log.as_mut(), track.as_ref()) {
         l.bytes_received = t.bytes.load(Ordering::Relaxed);
     }
-
-    let settle_failed = |timeout: bool| {
-        cluster.stats.upstream_rq_active.dec();
-        host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
-        host.stats.rq_error.fetch_add(1, Ordering::Relaxed);
-        if timeout {
-            host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
-        }
-    };
     let (resp, pooled) = match outcome {
         Outcome::Sent(Ok(r)) => r,
         Outcome::UpstreamTimeout => {
-            settle_failed(true);
+            st.upstream_failed(true);
             cluster.stats.upstream_rq_timeout.inc();
             return local_reply(
-                &cx,
-                log,
+                st,
                 grpc,
                 version,
                 StatusCode::GATEWAY_TIMEOUT,
@@ -533,11 +614,10 @@ async fn forward(
             );
         }
         Outcome::RequestTimeout => {
-            settle_failed(false);
+            st.upstream_failed(false);
             chain.stats.downstream_rq_timeout.inc();
             return local_reply(
-                &cx,
-                log,
+                st,
                 grpc,
                 version,
                 StatusCode::REQUEST_TIMEOUT,
@@ -547,7 +627,7 @@ async fn forward(
             );
         }
         Outcome::Sent(Err(fail)) => {
-            settle_failed(false);
+            st.upstream_failed(false);
             let (text, flag, details) = match &fail {
                 Fail::Connect(ConnectError::Timeout) => (
                     "upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
@@ -580,16 +660,7 @@ async fn forward(
                     )
                 }
             };
-            return local_reply(
-                &cx,
-                log,
-                grpc,
-                version,
-                StatusCode::SERVICE_UNAVAILABLE,
-                text,
-                flag,
-                details,
-            );
+            return local_reply(st, grpc, version, StatusCode::SERVICE_UNAVAILABLE, text, flag, details);
         }
     };
 
@@ -604,19 +675,16 @@ async fn forward(
         chain.stats.downstream_cx_upgrades_total.inc();
         tokio::spawn(tunnel(down, up));
     }
-    if let Some(l) = log.as_mut() {
+    if let Some(l) = st.log() {
         l.response_code = status.as_u16();
         l.response_duration = Some(start.elapsed());
         l.capture_response(&rparts.headers);
     }
     let finish = Finish {
-        cx,
+        st,
         cluster,
-        host,
         pooled,
         status: status.as_u16(),
-        start,
-        log,
         track,
     };
     Response::from_parts(rparts, RespBody::Upstream(UpstreamBody::new(rbody, finish)))
@@ -788,7 +856,7 @@ fn hop_by_hop_present(h: &HeaderMap) -> u8 {
 
 /// Removes hop-by-hop headers, including any the `Connection` header names, and `Expect`
 /// (the proxy answers `100-continue` itself: hyper does when the body is first read).
-fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     let found = hop_by_hop_present(h);
     if found & HOP_CONNECTION != 0 {
         let named: Vec<HeaderName> = h
@@ -975,26 +1043,20 @@ fn set_target(parts: &mut Parts, new_path: Option<String>, new_authority: Option
 
 /// Settles a forwarded request when its response stream ends.
 pub(crate) struct Finish {
-    cx: Arc<ConnCtx>,
+    st: Stream,
     cluster: Arc<ClusterRt>,
-    host: Arc<Host>,
     pooled: Pooled,
     status: u16,
-    start: Instant,
-    log: Option<Box<LogRecord>>,
     track: Option<Arc<ReqTrack>>,
 }
 
 impl Finish {
     pub(crate) fn complete(self, ending: Ending, bytes_sent: u64) {
         let Finish {
-            cx,
+            mut st,
             cluster,
-            host,
             pooled,
             status,
-            start,
-            mut log,
             track,
         } = self;
         let cfg = &cluster.cfg;
@@ -1003,31 +1065,10 @@ impl Finish {
             cfg.max_requests_per_connection,
             cfg.idle_timeout,
         );
-        cluster.stats.upstream_rq_active.dec();
-        host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
-        if ending == Ending::Complete && status < 500 {
-            host.stats.rq_success.fetch_add(1, Ordering::Relaxed);
-        } else {
-            host.stats.rq_error.fetch_add(1, Ordering::Relaxed);
+        if let (Some(l), Some(t)) = (st.log(), &track) {
+            l.bytes_received = t.bytes.load(Ordering::Relaxed);
         }
-        match ending {
-            Ending::Complete => {}
-            Ending::UpstreamError => cluster.stats.upstream_rq_rx_reset.inc(),
-            Ending::Dropped => cx.chain.stats.downstream_rq_rx_reset.inc(),
-        }
-        if let Some(l) = log.as_mut() {
-            l.bytes_sent = bytes_sent;
-            l.duration = Some(start.elapsed());
-            if let Some(t) = &track {
-                l.bytes_received = t.bytes.load(Ordering::Relaxed);
-            }
-            match ending {
-                Ending::Complete => {}
-                Ending::UpstreamError => l.flags.insert(ResponseFlags::UPSTREAM_REMOTE_RESET),
-                Ending::Dropped => l.flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION),
-            }
-        }
-        cx.end(status, log);
+        st.finish(status, ending, bytes_sent);
     }
 }
 
@@ -1046,8 +1087,7 @@ fn grpc_status_for(status: StatusCode) -> u8 {
 /// A reply made by the proxy: plain text for HTTP, trailers-only for gRPC, as Envoy answers.
 #[allow(clippy::too_many_arguments)]
 fn local_reply(
-    cx: &ConnCtx,
-    log: Option<Box<LogRecord>>,
+    st: Stream,
     grpc: bool,
     version: Version,
     status: StatusCode,
@@ -1086,32 +1126,30 @@ fn local_reply(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    finish_local(cx, log, resp, flags, details)
+    finish_local(st, resp, flags, details)
 }
 
 fn finish_local(
-    cx: &ConnCtx,
-    mut log: Option<Box<LogRecord>>,
+    mut st: Stream,
     resp: Response<RespBody>,
     flags: ResponseFlags,
     details: &'static str,
 ) -> Response<RespBody> {
     let status = resp.status().as_u16();
-    if let Some(l) = log.as_mut() {
+    let bytes = match resp.body() {
+        RespBody::Local(b) => b.as_ref().map_or(0, |b| b.len() as u64),
+        RespBody::Upstream(_) => 0,
+    };
+    if let Some(l) = st.log() {
         l.response_code = status;
         l.flags.insert(flags);
         l.details = details;
-        l.bytes_sent = match resp.body() {
-            RespBody::Local(b) => b.as_ref().map_or(0, |b| b.len() as u64),
-            RespBody::Upstream(_) => 0,
-        };
         l.capture_response(resp.headers());
-        l.duration = Some(Duration::ZERO);
     }
     if !flags.is_empty() {
         tracing::debug!(status, %flags, details, "local reply");
     }
-    cx.end(status, log);
+    st.finish(status, Ending::Complete, bytes);
     resp
 }
 

@@ -26,11 +26,127 @@ pub use body::RespBody;
 pub use flags::ResponseFlags;
 pub use server::{Options, Server, ServerState, StartError};
 
-/// Helpers for tests of this crate and its users. Not part of the proxy's behaviour.
+/// Hooks for tests, fuzz targets and benchmarks of this crate. Not part of the proxy's behaviour
+/// and not a stable API.
 #[doc(hidden)]
 pub mod testing {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use http::{HeaderMap, Method};
+
+    use crate::cluster::ClusterRt;
+    use crate::router::{RequestView, RouteTable};
+    use crate::stats::Stats;
+
     /// A TLS ClientHello record offering `sni` and `alpn`, as a client's first bytes.
     pub fn client_hello(sni: Option<&str>, alpn: &[&str]) -> Vec<u8> {
         crate::tls_inspect::build::client_hello(sni, alpn)
+    }
+
+    /// Envoy's tls_inspector on the first bytes of a connection: `Some((sni, alpn))` for a
+    /// ClientHello, `None` for plaintext or too few bytes.
+    pub fn inspect(first_bytes: &[u8]) -> Option<(Option<String>, Vec<String>)> {
+        match crate::tls_inspect::inspect(first_bytes) {
+            crate::tls_inspect::Inspect::Tls(h) => Some((h.server_name, h.alpn)),
+            _ => None,
+        }
+    }
+
+    /// The clusters and route table of the first HTTP chain of `cfg`, compiled as the proxy does.
+    pub struct Routes {
+        table: RouteTable,
+    }
+
+    impl Routes {
+        /// Compiles the first HTTP filter chain's routes.
+        pub fn new(cfg: &tessera_model::Config) -> Result<Routes, String> {
+            let stats = Stats::default();
+            let clusters: HashMap<String, Arc<ClusterRt>> = cfg
+                .clusters
+                .iter()
+                .map(|c| (c.name.clone(), Arc::new(ClusterRt::new(c.clone(), &stats, None))))
+                .collect();
+            let hcm = cfg
+                .listeners
+                .iter()
+                .flat_map(|l| &l.filter_chains)
+                .find_map(|c| match &c.filter {
+                    tessera_model::NetworkFilter::Http(h) => Some(h),
+                    _ => None,
+                })
+                .ok_or("no HTTP filter chain")?;
+            Ok(Routes {
+                table: RouteTable::compile(&hcm.route_config, &clusters)?,
+            })
+        }
+
+        /// `(virtual host, route index)` for a request, as the router picks it.
+        pub fn route(
+            &self,
+            host: &str,
+            path: &str,
+            query: Option<&str>,
+            method: &Method,
+            headers: &HeaderMap,
+        ) -> Option<(String, usize)> {
+            let view = RequestView {
+                host,
+                path,
+                query,
+                method,
+                scheme: "http",
+                headers,
+            };
+            let (vh, r) = self.table.route(&view)?;
+            let idx = vh.routes.iter().position(|x| std::ptr::eq(x, r))?;
+            Some((vh.name.clone(), idx))
+        }
+    }
+
+    /// Removes hop-by-hop headers as the connection manager does.
+    pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+        crate::http::strip_hop_by_hop(h, false);
+    }
+
+    /// A cluster's load balancer over `weights.len()` hosts.
+    pub struct Picker(ClusterRt);
+
+    impl Picker {
+        /// Round robin (or random) over hosts 10.0.0.1.. with the given weights.
+        pub fn new(weights: &[u32], random: bool) -> Picker {
+            let endpoints = weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| tessera_model::Endpoint {
+                    host: format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
+                    port: 80,
+                    weight: *w,
+                })
+                .collect();
+            let cfg = tessera_model::Cluster {
+                name: "bench".into(),
+                discovery: tessera_model::DiscoveryType::Static,
+                connect_timeout: std::time::Duration::from_secs(1),
+                lb_policy: if random {
+                    tessera_model::LbPolicy::Random
+                } else {
+                    tessera_model::LbPolicy::RoundRobin
+                },
+                protocol: tessera_model::UpstreamProtocol::Http1,
+                dns_refresh_rate: std::time::Duration::from_secs(5),
+                idle_timeout: std::time::Duration::from_secs(60),
+                http2_max_concurrent_streams: 100,
+                max_requests_per_connection: 0,
+                endpoints,
+            };
+            Picker(ClusterRt::new(cfg, &Stats::default(), None))
+        }
+
+        /// One pick.
+        pub fn pick(&self) -> Option<SocketAddr> {
+            self.0.pick().map(|h| h.addr)
+        }
     }
 }

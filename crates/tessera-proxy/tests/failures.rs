@@ -318,3 +318,84 @@ async fn a_request_body_that_never_arrives_is_408() {
     let g = send(listener(&p), req("POST", "/").body(full("0123456789")).unwrap()).await;
     assert_eq!(g.body, "0123456789");
 }
+
+#[tokio::test]
+async fn unanswered_connect_is_503_after_the_connect_timeout() {
+    // A listener that never accepts and whose accept queue is full: the kernel drops further
+    // SYNs, so a connect hangs as it would towards a host that is down or firewalled.
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    while let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        fillers.push(c);
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
+    let p = proxy(&route_to(&format!(
+        "- {{ name: be, connect_timeout: 250ms, endpoints: [\"{addr}\"] }}"
+    )))
+    .await;
+    let t = Instant::now();
+    let g = get(listener(&p), "/api/x").await;
+    assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(g.body.ends_with("reset reason: connection timeout"), "{}", g.body);
+    assert!(
+        t.elapsed() >= Duration::from_millis(250) && t.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(stat(&p, "cluster.be.upstream_cx_connect_timeout"), 1);
+    drop(fillers);
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_is_counted_and_logged_as_a_downstream_reset() {
+    let dir = std::env::temp_dir().join(format!("tessera-dc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let logf = dir.join("access.log");
+    let be = backend_with(Arc::new(|_r: Request<Incoming>| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Response::new(full("too late"))
+        })
+    }))
+    .await;
+    let cfg = route_to(&format!("- {{ name: be, endpoints: [\"{}\"] }}", be.addr)).replace(
+        "stat_prefix: ingress",
+        &format!("stat_prefix: ingress\n      access_log: [{{ path: {}, format: \"%RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_CLUSTER%\\n\" }}]", logf.display()),
+    );
+    let p = proxy(&cfg).await;
+    let mut s = tokio::net::TcpStream::connect(listener(&p)).await.unwrap();
+    s.write_all(b"GET /api/slow HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    eventually(Duration::from_secs(2), "request reached the backend", || {
+        be.seen().len() == 1
+    })
+    .await;
+    assert_eq!(stat(&p, "cluster.be.upstream_rq_active"), 1);
+    drop(s);
+    eventually(Duration::from_secs(3), "reset counted", || {
+        p.stat("http.ingress.downstream_rq_rx_reset") == Some(1)
+    })
+    .await;
+    assert_eq!(stat(&p, "cluster.be.upstream_rq_tx_reset"), 1);
+    assert_eq!(stat(&p, "cluster.be.upstream_rq_active"), 0, "no leaked upstream gauge");
+    assert_eq!(
+        stat(&p, "http.ingress.downstream_rq_active"),
+        0,
+        "no leaked downstream gauge"
+    );
+    assert_eq!(
+        stat(&p, "http.ingress.downstream_rq_completed"),
+        0,
+        "no response went out"
+    );
+    eventually(Duration::from_secs(3), "log line", || {
+        std::fs::read_to_string(&logf).is_ok_and(|s| s.lines().count() == 1)
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&logf).unwrap(), "0 DC be\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -139,8 +139,12 @@ fn check(files: &[PathBuf]) -> ExitCode {
     if bad { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-fn load(path: &Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|e: LoadError| anyhow::anyhow!("{e}"))
+/// Reads and validates a config without blocking the control runtime.
+async fn load(path: &Path) -> anyhow::Result<Config> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    Config::from_yaml(&text, &path.display().to_string()).map_err(|e: LoadError| anyhow::anyhow!("{e}"))
 }
 
 async fn sidecar(
@@ -150,7 +154,7 @@ async fn sidecar(
     drain_time: Option<Duration>,
     watch_interval: Duration,
 ) -> anyhow::Result<()> {
-    let cfg = load(&path)?;
+    let cfg = load(&path).await?;
     let mut opts = Options::default();
     if let Some(n) = concurrency {
         opts.concurrency = n;
@@ -243,7 +247,12 @@ async fn wait_for_stop(server: Option<&Server>) -> anyhow::Result<()> {
 }
 
 async fn up(file: PathBuf) -> anyhow::Result<()> {
-    let spec = MeshSpec::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = {
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || MeshSpec::load(&f))
+            .await?
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    };
     println!("tessera up: {}", file.display());
     for s in &spec.services {
         let addr = sample::start(s.address, s.name.clone()).await?;
@@ -252,7 +261,7 @@ async fn up(file: PathBuf) -> anyhow::Result<()> {
     let mut servers = Vec::new();
     let mut try_url = None;
     for sc in &spec.sidecars {
-        let cfg = load(&sc.config)?;
+        let cfg = load(&sc.config).await?;
         let opts = Options {
             concurrency: sc.concurrency,
             admin: None,
