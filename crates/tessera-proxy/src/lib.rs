@@ -62,23 +62,8 @@ pub mod testing {
     impl Routes {
         /// Compiles the first HTTP filter chain's routes.
         pub fn new(cfg: &tessera_model::Config) -> Result<Routes, String> {
-            let stats = Stats::default();
-            let clusters: HashMap<String, Arc<ClusterRt>> = cfg
-                .clusters
-                .iter()
-                .map(|c| (c.name.clone(), Arc::new(ClusterRt::new(c.clone(), &stats, None))))
-                .collect();
-            let hcm = cfg
-                .listeners
-                .iter()
-                .flat_map(|l| &l.filter_chains)
-                .find_map(|c| match &c.filter {
-                    tessera_model::NetworkFilter::Http(h) => Some(h),
-                    _ => None,
-                })
-                .ok_or("no HTTP filter chain")?;
             Ok(Routes {
-                table: RouteTable::compile(&hcm.route_config, &clusters)?,
+                table: first_route_table(cfg)?,
             })
         }
 
@@ -103,6 +88,26 @@ pub mod testing {
             let idx = vh.routes.iter().position(|x| std::ptr::eq(x, r))?;
             Some((vh.name.clone(), idx))
         }
+    }
+
+    /// The route table of `cfg`'s first HTTP filter chain, compiled against its clusters.
+    pub(crate) fn first_route_table(cfg: &tessera_model::Config) -> Result<RouteTable, String> {
+        let stats = Stats::default();
+        let clusters: HashMap<String, Arc<ClusterRt>> = cfg
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), Arc::new(ClusterRt::new(c.clone(), &stats, None))))
+            .collect();
+        let hcm = cfg
+            .listeners
+            .iter()
+            .flat_map(|l| &l.filter_chains)
+            .find_map(|c| match &c.filter {
+                tessera_model::NetworkFilter::Http(h) => Some(h),
+                _ => None,
+            })
+            .ok_or("no HTTP filter chain")?;
+        RouteTable::compile(&hcm.route_config, &clusters)
     }
 
     /// Removes hop-by-hop headers as the connection manager does.

@@ -1,7 +1,6 @@
 //! Table tests for route matching, domain priority, rewrites and redirects.
 
 use super::*;
-use crate::stats::Stats;
 use tessera_model::Config;
 
 fn table(routes_yaml: &str) -> RouteTable {
@@ -20,16 +19,7 @@ clusters:
 "#
     );
     let cfg = Config::from_yaml(&src, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
-    let stats = Stats::default();
-    let clusters: HashMap<String, Arc<ClusterRt>> = cfg
-        .clusters
-        .iter()
-        .map(|c| (c.name.clone(), Arc::new(ClusterRt::new(c.clone(), &stats, None))))
-        .collect();
-    let model::NetworkFilter::Http(h) = &cfg.listeners[0].filter_chains[0].filter else {
-        panic!()
-    };
-    RouteTable::compile(&h.route_config, &clusters).unwrap()
+    crate::testing::first_route_table(&cfg).unwrap()
 }
 
 struct Req {
