@@ -597,7 +597,14 @@ pub struct Endpoint {
 impl Endpoint {
     /// An endpoint with weight 1 and nothing else.
     pub fn new(host: impl Into<String>, port: u16) -> Endpoint {
-        Endpoint { host: host.into(), port, weight: 1, priority: 0, locality: None, labels: BTreeMap::new() }
+        Endpoint {
+            host: host.into(),
+            port,
+            weight: 1,
+            priority: 0,
+            locality: None,
+            labels: BTreeMap::new(),
+        }
     }
 }
 

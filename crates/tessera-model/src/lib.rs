@@ -19,6 +19,6 @@ pub use decode::{Cidr, parse_duration};
 pub use error::{ConfigError, LoadError};
 pub use format::LogFormat;
 pub use load::{DEFAULT_DRAIN_TIME, DEFAULT_ROUTE_TIMEOUT, split_host_port};
-pub use traffic::*;
 pub use mesh::{MeshSpec, SampleService, SidecarSpec};
+pub use traffic::*;
 pub use yaml::Mark;

@@ -118,7 +118,10 @@ pub struct SubsetConfig {
 
 impl Default for SubsetConfig {
     fn default() -> SubsetConfig {
-        SubsetConfig { fallback_policy: SubsetFallback::NoFallback, default_subset: BTreeMap::new() }
+        SubsetConfig {
+            fallback_policy: SubsetFallback::NoFallback,
+            default_subset: BTreeMap::new(),
+        }
     }
 }
 
@@ -259,7 +262,13 @@ pub struct Thresholds {
 
 impl Default for Thresholds {
     fn default() -> Thresholds {
-        Thresholds { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3, retry_budget: None }
+        Thresholds {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            retry_budget: None,
+        }
     }
 }
 
@@ -330,10 +339,17 @@ impl RetryOn {
     pub fn parse(s: &str) -> Result<RetryOn, String> {
         let mut out = RetryOn(0);
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let bit = RetryOn::ALL.iter().find(|(_, n)| *n == part).map(|(b, _)| *b).ok_or_else(|| {
-                let names: Vec<&str> = RetryOn::ALL.iter().map(|(_, n)| *n).collect();
-                format!("unknown retry condition `{part}`; expected one of: {}", names.join(", "))
-            })?;
+            let bit = RetryOn::ALL
+                .iter()
+                .find(|(_, n)| *n == part)
+                .map(|(b, _)| *b)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = RetryOn::ALL.iter().map(|(_, n)| *n).collect();
+                    format!(
+                        "unknown retry condition `{part}`; expected one of: {}",
+                        names.join(", ")
+                    )
+                })?;
             out.0 |= bit.0;
         }
         Ok(out)
@@ -342,7 +358,11 @@ impl RetryOn {
 
 impl fmt::Display for RetryOn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = RetryOn::ALL.iter().filter(|(b, _)| self.has(*b)).map(|(_, n)| *n).collect();
+        let names: Vec<&str> = RetryOn::ALL
+            .iter()
+            .filter(|(b, _)| self.has(*b))
+            .map(|(_, n)| *n)
+            .collect();
         f.write_str(&names.join(","))
     }
 }
@@ -502,12 +522,20 @@ mod tests {
         assert!(r.has(RetryOn::FIVE_XX) && r.has(RetryOn::CONNECT_FAILURE) && r.has(RetryOn::GRPC_UNAVAILABLE));
         assert!(!r.has(RetryOn::RESET));
         assert_eq!(r.to_string(), "5xx,connect-failure,unavailable");
-        assert!(RetryOn::parse("5xx,bogus").unwrap_err().contains("unknown retry condition `bogus`"));
+        assert!(
+            RetryOn::parse("5xx,bogus")
+                .unwrap_err()
+                .contains("unknown retry condition `bogus`")
+        );
     }
 
     #[test]
     fn proximity_follows_istio() {
-        let l = |r: &str, z: &str, s: &str| Locality { region: r.into(), zone: z.into(), sub_zone: s.into() };
+        let l = |r: &str, z: &str, s: &str| Locality {
+            region: r.into(),
+            zone: z.into(),
+            sub_zone: s.into(),
+        };
         let me = l("eu", "eu-1a", "rack1");
         assert_eq!(me.proximity(&l("eu", "eu-1a", "rack1")), 0);
         assert_eq!(me.proximity(&l("eu", "eu-1a", "rack2")), 1);

@@ -84,14 +84,26 @@ fn bench_headers(c: &mut Criterion) {
 }
 
 fn bench_lb(c: &mut Criterion) {
-    let equal = Picker::new(&[1; 100], false);
-    c.bench_function("lb/round_robin_100_hosts", |b| b.iter(|| black_box(equal.pick())));
-    let weighted = Picker::new(&(1..=100).collect::<Vec<u32>>(), false);
-    c.bench_function("lb/weighted_round_robin_100_hosts", |b| {
-        b.iter(|| black_box(weighted.pick()))
-    });
-    let random = Picker::new(&[1; 100], true);
-    c.bench_function("lb/random_100_hosts", |b| b.iter(|| black_box(random.pick())));
+    let equal: Vec<u32> = vec![1; 100];
+    let weighted: Vec<u32> = (1..=100).collect();
+    for (name, policy, weights) in [
+        ("round_robin_100_hosts", "round_robin", &equal),
+        ("weighted_round_robin_100_hosts", "round_robin", &weighted),
+        ("random_100_hosts", "random", &equal),
+        ("least_request_100_hosts", "least_request", &equal),
+        ("weighted_least_request_100_hosts", "least_request", &weighted),
+        ("ring_hash_100_hosts", "ring_hash", &equal),
+        ("maglev_100_hosts", "maglev", &equal),
+    ] {
+        let p = Picker::new(weights, policy);
+        let mut key = 0u64;
+        c.bench_function(&format!("lb/{name}"), |b| {
+            b.iter(|| {
+                key = key.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                black_box(p.pick(Some(key)))
+            })
+        });
+    }
 }
 
 fn bench_tls_inspect(c: &mut Criterion) {

@@ -401,21 +401,43 @@ fn traffic_management_config_loads() {
     let cfg = load(TRAFFIC).unwrap_or_else(|e| panic!("{e:#?}"));
     assert_eq!(cfg.node.locality.as_ref().unwrap().zone, "eu-1a");
     let api = cfg.cluster("api").unwrap();
-    assert_eq!(api.lb_policy, LbPolicy::LeastRequest { choice_count: 3, active_request_bias: 1.0 });
+    assert_eq!(
+        api.lb_policy,
+        LbPolicy::LeastRequest {
+            choice_count: 3,
+            active_request_bias: 1.0
+        }
+    );
     assert_eq!(api.slow_start.as_ref().unwrap().aggression, 2.0);
     assert_eq!(api.lb_subset_config.fallback_policy, SubsetFallback::DefaultSubset);
     assert_eq!(api.health_checks.len(), 3);
-    assert!(matches!(&api.health_checks[1].kind, HealthCheckKind::Tcp { send: Some(s), receive } if s == b"PING" && receive[0] == b"PONG"));
-    assert!(matches!(&api.health_checks[2].kind, HealthCheckKind::Grpc { service_name, .. } if service_name == "api.v1"));
+    assert!(
+        matches!(&api.health_checks[1].kind, HealthCheckKind::Tcp { send: Some(s), receive } if s == b"PING" && receive[0] == b"PONG")
+    );
+    assert!(
+        matches!(&api.health_checks[2].kind, HealthCheckKind::Grpc { service_name, .. } if service_name == "api.v1")
+    );
     assert_eq!(api.outlier_detection.as_ref().unwrap().consecutive_5xx, 3);
-    assert_eq!(api.outlier_detection.as_ref().unwrap().consecutive_gateway_failure, 5, "defaults fill the rest");
+    assert_eq!(
+        api.outlier_detection.as_ref().unwrap().consecutive_gateway_failure,
+        5,
+        "defaults fill the rest"
+    );
     assert_eq!(api.circuit_breakers.default.max_pending_requests, 5);
-    assert_eq!(api.circuit_breakers.high.retry_budget.as_ref().unwrap().budget_percent, 25.0);
+    assert_eq!(
+        api.circuit_breakers.high.retry_budget.as_ref().unwrap().budget_percent,
+        25.0
+    );
     assert_eq!(api.endpoints[1].priority, 1);
     assert_eq!(api.endpoints[1].labels["version"], "v2");
-    assert_eq!(cfg.cluster("shadow").unwrap().lb_policy, LbPolicy::Maglev { table_size: 65537 });
+    assert_eq!(
+        cfg.cluster("shadow").unwrap().lb_policy,
+        LbPolicy::Maglev { table_size: 65537 }
+    );
 
-    let NetworkFilter::Http(h) = &cfg.listeners[0].filter_chains[0].filter else { panic!() };
+    let NetworkFilter::Http(h) = &cfg.listeners[0].filter_chains[0].filter else {
+        panic!()
+    };
     assert_eq!(h.local_rate_limit.as_ref().unwrap().max_tokens, 100);
     let r = &h.route_config.virtual_hosts[0].routes[0];
     let RouteAction::Route(f) = &r.action else { panic!() };
@@ -423,19 +445,39 @@ fn traffic_management_config_loads() {
     assert_eq!(f.priority, RoutingPriority::High);
     let rp = f.retry_policy.as_ref().unwrap();
     assert!(rp.retry_on.has(RetryOn::GRPC_UNAVAILABLE) && rp.retry_on.has(RetryOn::RESET));
-    assert_eq!((rp.num_retries, rp.per_try_timeout, rp.max_interval), (3, Duration::from_millis(500), Duration::from_secs(1)));
-    assert_eq!(f.hash_policy[0], HashPolicy { kind: HashPolicyKind::Header("x-user".into()), terminal: true });
+    assert_eq!(
+        (rp.num_retries, rp.per_try_timeout, rp.max_interval),
+        (3, Duration::from_millis(500), Duration::from_secs(1))
+    );
+    assert_eq!(
+        f.hash_policy[0],
+        HashPolicy {
+            kind: HashPolicyKind::Header("x-user".into()),
+            terminal: true
+        }
+    );
     assert_eq!(f.request_mirror_policies[0].percentage, 25.0);
     assert_eq!(f.grpc_timeout_header_max, Duration::from_secs(10));
     let fault = r.fault.as_ref().unwrap();
     assert_eq!(fault.delay.as_ref().unwrap().percentage, 10.0);
     assert_eq!(fault.abort.as_ref().unwrap().status, AbortStatus::Grpc(14));
-    assert_eq!(r.local_rate_limit.as_ref().unwrap().descriptor, Some(RateLimitKey::SourceIp));
-    let RouteAction::Route(w) = &h.route_config.virtual_hosts[0].routes[1].action else { panic!() };
-    let ClusterSpecifier::WeightedClusters(ws) = &w.cluster else { panic!() };
+    assert_eq!(
+        r.local_rate_limit.as_ref().unwrap().descriptor,
+        Some(RateLimitKey::SourceIp)
+    );
+    let RouteAction::Route(w) = &h.route_config.virtual_hosts[0].routes[1].action else {
+        panic!()
+    };
+    let ClusterSpecifier::WeightedClusters(ws) = &w.cluster else {
+        panic!()
+    };
     assert_eq!(ws[0].metadata_match["version"], "v1", "Envoy's filter_metadata shape");
     let json = serde_json::to_value(&cfg).unwrap();
-    assert_eq!(json["listeners"][0]["filter_chains"][0]["filter"]["http"]["route_config"]["virtual_hosts"][0]["routes"][0]["action"]["route"]["retry_policy"]["retry_on"], "5xx,reset,connect-failure,unavailable");
+    assert_eq!(
+        json["listeners"][0]["filter_chains"][0]["filter"]["http"]["route_config"]["virtual_hosts"][0]["routes"][0]["action"]
+            ["route"]["retry_policy"]["retry_on"],
+        "5xx,reset,connect-failure,unavailable"
+    );
 }
 
 #[test]
@@ -444,8 +486,14 @@ fn traffic_management_errors_are_precise() {
         .replace("5xx,reset,connect-failure,unavailable", "5xx,sometimes")
         .replace("table_size: 65537", "table_size: 65536")
         .replace("percentage: 5 }", "percentage: 500 }")
-        .replace("least_request_lb_config: { choice_count: 3 }", "ring_hash_lb_config: {}")
-        .replace("{ interval: 5s, grpc_health_check: { service_name: api.v1 } }", "{ interval: 5s }")
+        .replace(
+            "least_request_lb_config: { choice_count: 3 }",
+            "ring_hash_lb_config: {}",
+        )
+        .replace(
+            "{ interval: 5s, grpc_health_check: { service_name: api.v1 } }",
+            "{ interval: 5s }",
+        )
         .replace("{ cluster: shadow, runtime", "{ cluster: nowhere, runtime");
     let joined = errors(&bad).join("\n");
     for needle in [

@@ -27,10 +27,19 @@ pub(super) fn percentage(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<f64> {
             let r = if o.has("value") {
                 o.get("value").and_then(|(n, p)| number(ctx, n, &p, 0.0, 100.0))
             } else {
-                let num = o.require(ctx, "numerator").and_then(|(n, p)| uint::<u64>(ctx, n, &p, 0, u64::from(u32::MAX)));
+                let num = o
+                    .require(ctx, "numerator")
+                    .and_then(|(n, p)| uint::<u64>(ctx, n, &p, 0, u64::from(u32::MAX)));
                 let den = o
                     .get("denominator")
-                    .and_then(|(n, p)| enumeration(ctx, n, &p, &[("HUNDRED", 100.0), ("TEN_THOUSAND", 10_000.0), ("MILLION", 1_000_000.0)]))
+                    .and_then(|(n, p)| {
+                        enumeration(
+                            ctx,
+                            n,
+                            &p,
+                            &[("HUNDRED", 100.0), ("TEN_THOUSAND", 10_000.0), ("MILLION", 1_000_000.0)],
+                        )
+                    })
                     .unwrap_or(100.0);
                 num.map(|num| (num as f64 / den * 100.0).min(100.0))
             };
@@ -47,7 +56,9 @@ pub(super) fn labels(ctx: &mut Ctx, n: &YNode, p: &Path) -> BTreeMap<String, Str
     match &n.kind {
         Kind::Map(entries) => {
             for (k, v) in entries {
-                let Some(key) = scalar(ctx, k, p, "a label name") else { continue };
+                let Some(key) = scalar(ctx, k, p, "a label name") else {
+                    continue;
+                };
                 let fp = p.field(key);
                 if let Some(val) = string(ctx, v, &fp) {
                     out.insert(key.to_string(), val);
@@ -55,7 +66,11 @@ pub(super) fn labels(ctx: &mut Ctx, n: &YNode, p: &Path) -> BTreeMap<String, Str
             }
         }
         Kind::Null => {}
-        _ => ctx.error(n.mark, p, format!("expected a mapping of labels, found {}", n.describe())),
+        _ => ctx.error(
+            n.mark,
+            p,
+            format!("expected a mapping of labels, found {}", n.describe()),
+        ),
     }
     out
 }
@@ -63,8 +78,13 @@ pub(super) fn labels(ctx: &mut Ctx, n: &YNode, p: &Path) -> BTreeMap<String, Str
 /// `metadata_match`: a flat label map, or Envoy's `{filter_metadata: {envoy.lb: {...}}}`.
 pub(super) fn metadata_match(ctx: &mut Ctx, n: &YNode, p: &Path) -> BTreeMap<String, String> {
     if let Kind::Map(entries) = &n.kind {
-        if entries.iter().any(|(k, _)| matches!(&k.kind, Kind::Scalar { text } if text == "filter_metadata")) {
-            let Some(mut o) = Obj::open(ctx, n, p) else { return BTreeMap::new() };
+        if entries
+            .iter()
+            .any(|(k, _)| matches!(&k.kind, Kind::Scalar { text } if text == "filter_metadata"))
+        {
+            let Some(mut o) = Obj::open(ctx, n, p) else {
+                return BTreeMap::new();
+            };
             let mut out = BTreeMap::new();
             if let Some((fm, fp)) = o.get("filter_metadata") {
                 if let Some(mut f) = Obj::open(ctx, fm, &fp) {
@@ -116,13 +136,18 @@ pub(super) fn lb_policy(ctx: &mut Ctx, o: &mut Obj<'_>) -> LbPolicy {
     let kind = o
         .get("lb_policy")
         .and_then(|(n, p)| {
-            enumeration(ctx, n, &p, &[
-                ("round_robin", K::Rr),
-                ("least_request", K::Lr),
-                ("random", K::Random),
-                ("ring_hash", K::Ring),
-                ("maglev", K::Maglev),
-            ])
+            enumeration(
+                ctx,
+                n,
+                &p,
+                &[
+                    ("round_robin", K::Rr),
+                    ("least_request", K::Lr),
+                    ("random", K::Random),
+                    ("ring_hash", K::Ring),
+                    ("maglev", K::Maglev),
+                ],
+            )
         })
         .unwrap_or(K::Rr);
     let lr = o.get("least_request_lb_config");
@@ -130,7 +155,11 @@ pub(super) fn lb_policy(ctx: &mut Ctx, o: &mut Obj<'_>) -> LbPolicy {
     let mag = o.get("maglev_lb_config");
     let misplaced = |ctx: &mut Ctx, cfg: Option<(&YNode, Path)>, policy: &str| {
         if let Some((n, p)) = cfg {
-            ctx.error(n.mark, &p, format!("this block configures lb_policy {policy}, but the cluster uses another policy"));
+            ctx.error(
+                n.mark,
+                &p,
+                format!("this block configures lb_policy {policy}, but the cluster uses another policy"),
+            );
         }
     };
     match kind {
@@ -153,11 +182,17 @@ pub(super) fn lb_policy(ctx: &mut Ctx, o: &mut Obj<'_>) -> LbPolicy {
             if let Some((n, p)) = lr {
                 if let Some(mut c) = Obj::open(ctx, n, &p) {
                     choice_count = c.uint(ctx, "choice_count", 2, 100).unwrap_or(2);
-                    active_request_bias = c.get("active_request_bias").and_then(|(n, p)| number(ctx, n, &p, 0.0, 10.0)).unwrap_or(1.0);
+                    active_request_bias = c
+                        .get("active_request_bias")
+                        .and_then(|(n, p)| number(ctx, n, &p, 0.0, 10.0))
+                        .unwrap_or(1.0);
                     c.finish(ctx);
                 }
             }
-            LbPolicy::LeastRequest { choice_count, active_request_bias }
+            LbPolicy::LeastRequest {
+                choice_count,
+                active_request_bias,
+            }
         }
         K::Ring => {
             misplaced(ctx, lr, "least_request");
@@ -166,14 +201,23 @@ pub(super) fn lb_policy(ctx: &mut Ctx, o: &mut Obj<'_>) -> LbPolicy {
             if let Some((n, p)) = ring {
                 if let Some(mut c) = Obj::open(ctx, n, &p) {
                     min = c.uint(ctx, "minimum_ring_size", 1, 8 * 1024 * 1024).unwrap_or(1024);
-                    max = c.uint(ctx, "maximum_ring_size", 1, 8 * 1024 * 1024).unwrap_or(8 * 1024 * 1024);
+                    max = c
+                        .uint(ctx, "maximum_ring_size", 1, 8 * 1024 * 1024)
+                        .unwrap_or(8 * 1024 * 1024);
                     if min > max {
-                        ctx.error(c.mark, &c.path, format!("minimum_ring_size {min} is above maximum_ring_size {max}"));
+                        ctx.error(
+                            c.mark,
+                            &c.path,
+                            format!("minimum_ring_size {min} is above maximum_ring_size {max}"),
+                        );
                     }
                     c.finish(ctx);
                 }
             }
-            LbPolicy::RingHash { minimum_ring_size: min, maximum_ring_size: max }
+            LbPolicy::RingHash {
+                minimum_ring_size: min,
+                maximum_ring_size: max,
+            }
         }
         K::Maglev => {
             misplaced(ctx, lr, "least_request");
@@ -207,10 +251,20 @@ pub(super) fn slow_start(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<SlowStart
     let window = o.require(ctx, "window").and_then(|(n, p)| {
         parse_scalar(ctx, n, &p, "a duration such as 30s", crate::parse_duration).filter(|d| !d.is_zero())
     });
-    let aggression = o.get("aggression").and_then(|(n, p)| number(ctx, n, &p, 0.01, 100.0)).unwrap_or(1.0);
-    let min_weight_percent = o.get("min_weight_percent").and_then(|(n, p)| number(ctx, n, &p, 0.0, 100.0)).unwrap_or(10.0);
+    let aggression = o
+        .get("aggression")
+        .and_then(|(n, p)| number(ctx, n, &p, 0.01, 100.0))
+        .unwrap_or(1.0);
+    let min_weight_percent = o
+        .get("min_weight_percent")
+        .and_then(|(n, p)| number(ctx, n, &p, 0.0, 100.0))
+        .unwrap_or(10.0);
     o.finish(ctx);
-    Some(SlowStart { window: window?, aggression, min_weight_percent })
+    Some(SlowStart {
+        window: window?,
+        aggression,
+        min_weight_percent,
+    })
 }
 
 pub(super) fn subset_config(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<SubsetConfig> {
@@ -218,33 +272,53 @@ pub(super) fn subset_config(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Subset
     let fallback_policy = o
         .get("fallback_policy")
         .and_then(|(n, p)| {
-            enumeration(ctx, n, &p, &[
-                ("NO_FALLBACK", SubsetFallback::NoFallback),
-                ("ANY_ENDPOINT", SubsetFallback::AnyEndpoint),
-                ("DEFAULT_SUBSET", SubsetFallback::DefaultSubset),
-            ])
+            enumeration(
+                ctx,
+                n,
+                &p,
+                &[
+                    ("NO_FALLBACK", SubsetFallback::NoFallback),
+                    ("ANY_ENDPOINT", SubsetFallback::AnyEndpoint),
+                    ("DEFAULT_SUBSET", SubsetFallback::DefaultSubset),
+                ],
+            )
         })
         .unwrap_or(SubsetFallback::NoFallback);
-    let default_subset = o.get("default_subset").map(|(n, p)| labels(ctx, n, &p)).unwrap_or_default();
+    let default_subset = o
+        .get("default_subset")
+        .map(|(n, p)| labels(ctx, n, &p))
+        .unwrap_or_default();
     if fallback_policy == SubsetFallback::DefaultSubset && default_subset.is_empty() {
-        ctx.error(o.mark, &o.path.field("default_subset"), "fallback_policy DEFAULT_SUBSET needs a default_subset");
+        ctx.error(
+            o.mark,
+            &o.path.field("default_subset"),
+            "fallback_policy DEFAULT_SUBSET needs a default_subset",
+        );
     }
     let _ = o.get("subset_selectors"); // Envoy's index hints; subsets are indexed from the routes that use them.
     o.finish(ctx);
-    Some(SubsetConfig { fallback_policy, default_subset })
+    Some(SubsetConfig {
+        fallback_policy,
+        default_subset,
+    })
 }
 
 fn hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// A TCP health-check payload: Envoy's `{text: HEX}` or `{string: "plain"}`.
 fn payload(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Vec<u8>> {
     let mut o = Obj::open(ctx, n, p)?;
-    let text = o.get("text").and_then(|(n, p)| parse_scalar(ctx, n, &p, "hex digits, e.g. 50494e47", hex));
+    let text = o
+        .get("text")
+        .and_then(|(n, p)| parse_scalar(ctx, n, &p, "hex digits, e.g. 50494e47", hex));
     let plain = o.string(ctx, "string").map(String::into_bytes);
     o.finish(ctx);
     match (text, plain) {
@@ -276,12 +350,20 @@ pub(super) fn health_check(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<HealthC
             let host = h.string(ctx, "host");
             let mut expected_statuses = h.list(ctx, "expected_statuses", |ctx, n, p| {
                 let mut r = Obj::open(ctx, n, p)?;
-                let start = r.require(ctx, "start").and_then(|(n, p)| uint::<u16>(ctx, n, &p, 100, 599));
-                let end = r.require(ctx, "end").and_then(|(n, p)| uint::<u16>(ctx, n, &p, 101, 600));
+                let start = r
+                    .require(ctx, "start")
+                    .and_then(|(n, p)| uint::<u16>(ctx, n, &p, 100, 599));
+                let end = r
+                    .require(ctx, "end")
+                    .and_then(|(n, p)| uint::<u16>(ctx, n, &p, 101, 600));
                 r.finish(ctx);
                 let (start, end) = (start?, end?);
                 if start >= end {
-                    ctx.error(n.mark, p, format!("range start {start} must be below end {end} (end is exclusive)"));
+                    ctx.error(
+                        n.mark,
+                        p,
+                        format!("range start {start} must be below end {end} (end is exclusive)"),
+                    );
                     return None;
                 }
                 Some(StatusRange { start, end })
@@ -290,7 +372,11 @@ pub(super) fn health_check(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<HealthC
                 expected_statuses.push(StatusRange { start: 200, end: 201 });
             }
             h.finish(ctx);
-            Some(HealthCheckKind::Http { path, host, expected_statuses })
+            Some(HealthCheckKind::Http {
+                path,
+                host,
+                expected_statuses,
+            })
         })(),
         (None, Some((n, p)), None) => (|| {
             let mut t = Obj::open(ctx, n, &p)?;
@@ -304,15 +390,29 @@ pub(super) fn health_check(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<HealthC
             let service_name = g.string(ctx, "service_name").unwrap_or_default();
             let authority = g.string(ctx, "authority");
             g.finish(ctx);
-            Some(HealthCheckKind::Grpc { service_name, authority })
+            Some(HealthCheckKind::Grpc {
+                service_name,
+                authority,
+            })
         })(),
         _ => {
-            ctx.error(o.mark, &o.path, "a health check has exactly one of `http_health_check`, `tcp_health_check` or `grpc_health_check`");
+            ctx.error(
+                o.mark,
+                &o.path,
+                "a health check has exactly one of `http_health_check`, `tcp_health_check` or `grpc_health_check`",
+            );
             None
         }
     };
     o.finish(ctx);
-    Some(HealthCheck { timeout, interval, interval_jitter, unhealthy_threshold, healthy_threshold, kind: kind? })
+    Some(HealthCheck {
+        timeout,
+        interval,
+        interval_jitter,
+        unhealthy_threshold,
+        healthy_threshold,
+        kind: kind?,
+    })
 }
 
 pub(super) fn outlier_detection(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<OutlierDetection> {
@@ -320,17 +420,29 @@ pub(super) fn outlier_detection(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Ou
     let d = OutlierDetection::default();
     let pct = |o: &mut Obj<'_>, ctx: &mut Ctx, name: &'static str, def: u32| o.uint(ctx, name, 0, 100).unwrap_or(def);
     let r = OutlierDetection {
-        consecutive_5xx: o.uint(ctx, "consecutive_5xx", 1, 1_000_000).unwrap_or(d.consecutive_5xx),
-        consecutive_gateway_failure: o.uint(ctx, "consecutive_gateway_failure", 1, 1_000_000).unwrap_or(d.consecutive_gateway_failure),
+        consecutive_5xx: o
+            .uint(ctx, "consecutive_5xx", 1, 1_000_000)
+            .unwrap_or(d.consecutive_5xx),
+        consecutive_gateway_failure: o
+            .uint(ctx, "consecutive_gateway_failure", 1, 1_000_000)
+            .unwrap_or(d.consecutive_gateway_failure),
         consecutive_local_origin_failure: o
             .uint(ctx, "consecutive_local_origin_failure", 1, 1_000_000)
             .unwrap_or(d.consecutive_local_origin_failure),
-        interval: o.duration(ctx, "interval").filter(|i| !i.is_zero()).unwrap_or(d.interval),
+        interval: o
+            .duration(ctx, "interval")
+            .filter(|i| !i.is_zero())
+            .unwrap_or(d.interval),
         base_ejection_time: o.duration(ctx, "base_ejection_time").unwrap_or(d.base_ejection_time),
         max_ejection_time: o.duration(ctx, "max_ejection_time").unwrap_or(d.max_ejection_time),
         max_ejection_percent: pct(&mut o, ctx, "max_ejection_percent", d.max_ejection_percent),
         enforcing_consecutive_5xx: pct(&mut o, ctx, "enforcing_consecutive_5xx", d.enforcing_consecutive_5xx),
-        enforcing_consecutive_gateway_failure: pct(&mut o, ctx, "enforcing_consecutive_gateway_failure", d.enforcing_consecutive_gateway_failure),
+        enforcing_consecutive_gateway_failure: pct(
+            &mut o,
+            ctx,
+            "enforcing_consecutive_gateway_failure",
+            d.enforcing_consecutive_gateway_failure,
+        ),
         enforcing_consecutive_local_origin_failure: pct(
             &mut o,
             ctx,
@@ -338,13 +450,23 @@ pub(super) fn outlier_detection(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Ou
             d.enforcing_consecutive_local_origin_failure,
         ),
         enforcing_success_rate: pct(&mut o, ctx, "enforcing_success_rate", d.enforcing_success_rate),
-        success_rate_minimum_hosts: o.uint(ctx, "success_rate_minimum_hosts", 1, 1_000_000).unwrap_or(d.success_rate_minimum_hosts),
-        success_rate_request_volume: o.uint(ctx, "success_rate_request_volume", 1, 1_000_000_000).unwrap_or(d.success_rate_request_volume),
-        success_rate_stdev_factor: o.uint(ctx, "success_rate_stdev_factor", 0, 100_000).unwrap_or(d.success_rate_stdev_factor),
+        success_rate_minimum_hosts: o
+            .uint(ctx, "success_rate_minimum_hosts", 1, 1_000_000)
+            .unwrap_or(d.success_rate_minimum_hosts),
+        success_rate_request_volume: o
+            .uint(ctx, "success_rate_request_volume", 1, 1_000_000_000)
+            .unwrap_or(d.success_rate_request_volume),
+        success_rate_stdev_factor: o
+            .uint(ctx, "success_rate_stdev_factor", 0, 100_000)
+            .unwrap_or(d.success_rate_stdev_factor),
         split_external_local_origin_errors: o.bool(ctx, "split_external_local_origin_errors").unwrap_or(false),
     };
     if r.max_ejection_time < r.base_ejection_time {
-        ctx.error(o.mark, &o.path.field("max_ejection_time"), "must not be below base_ejection_time");
+        ctx.error(
+            o.mark,
+            &o.path.field("max_ejection_time"),
+            "must not be below base_ejection_time",
+        );
     }
     o.finish(ctx);
     Some(r)
@@ -358,20 +480,43 @@ pub(super) fn circuit_breakers(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Cir
         let mut t = Obj::open(ctx, n, p)?;
         let prio = t
             .get("priority")
-            .and_then(|(n, p)| enumeration(ctx, n, &p, &[("DEFAULT", RoutingPriority::Default), ("HIGH", RoutingPriority::High)]))
+            .and_then(|(n, p)| {
+                enumeration(
+                    ctx,
+                    n,
+                    &p,
+                    &[("DEFAULT", RoutingPriority::Default), ("HIGH", RoutingPriority::High)],
+                )
+            })
             .unwrap_or(RoutingPriority::Default);
         let d = Thresholds::default();
         let th = Thresholds {
-            max_connections: t.uint(ctx, "max_connections", 1, u64::from(u32::MAX)).unwrap_or(d.max_connections),
-            max_pending_requests: t.uint(ctx, "max_pending_requests", 0, u64::from(u32::MAX)).unwrap_or(d.max_pending_requests),
-            max_requests: t.uint(ctx, "max_requests", 1, u64::from(u32::MAX)).unwrap_or(d.max_requests),
-            max_retries: t.uint(ctx, "max_retries", 0, u64::from(u32::MAX)).unwrap_or(d.max_retries),
+            max_connections: t
+                .uint(ctx, "max_connections", 1, u64::from(u32::MAX))
+                .unwrap_or(d.max_connections),
+            max_pending_requests: t
+                .uint(ctx, "max_pending_requests", 0, u64::from(u32::MAX))
+                .unwrap_or(d.max_pending_requests),
+            max_requests: t
+                .uint(ctx, "max_requests", 1, u64::from(u32::MAX))
+                .unwrap_or(d.max_requests),
+            max_retries: t
+                .uint(ctx, "max_retries", 0, u64::from(u32::MAX))
+                .unwrap_or(d.max_retries),
             retry_budget: t.get("retry_budget").and_then(|(n, p)| {
                 let mut b = Obj::open(ctx, n, &p)?;
-                let budget_percent = b.get("budget_percent").and_then(|(n, p)| percentage(ctx, n, &p)).unwrap_or(20.0);
-                let min_retry_concurrency = b.uint(ctx, "min_retry_concurrency", 0, u64::from(u32::MAX)).unwrap_or(3);
+                let budget_percent = b
+                    .get("budget_percent")
+                    .and_then(|(n, p)| percentage(ctx, n, &p))
+                    .unwrap_or(20.0);
+                let min_retry_concurrency = b
+                    .uint(ctx, "min_retry_concurrency", 0, u64::from(u32::MAX))
+                    .unwrap_or(3);
                 b.finish(ctx);
-                Some(RetryBudget { budget_percent, min_retry_concurrency })
+                Some(RetryBudget {
+                    budget_percent,
+                    min_retry_concurrency,
+                })
             }),
         };
         t.finish(ctx);
@@ -379,7 +524,11 @@ pub(super) fn circuit_breakers(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Cir
     });
     for (prio, th, mark, p) in items {
         if seen.contains(&prio) {
-            ctx.error(mark, &p.field("priority"), "thresholds for this priority are already given");
+            ctx.error(
+                mark,
+                &p.field("priority"),
+                "thresholds for this priority are already given",
+            );
         }
         seen.push(prio);
         match prio {
@@ -417,15 +566,25 @@ pub(super) fn retry_policy(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<RetryPo
         }
     }
     if base_interval.is_zero() {
-        ctx.error(o.mark, &o.path.field("retry_back_off.base_interval"), "must be above zero");
+        ctx.error(
+            o.mark,
+            &o.path.field("retry_back_off.base_interval"),
+            "must be above zero",
+        );
     }
     let max_interval = max_interval.unwrap_or(base_interval * 10);
-    let retriable_status_codes = o.list(ctx, "retriable_status_codes", |ctx, n, p| uint::<u16>(ctx, n, p, 100, 599));
+    let retriable_status_codes = o.list(ctx, "retriable_status_codes", |ctx, n, p| {
+        uint::<u16>(ctx, n, p, 100, 599)
+    });
     let skip_previous_hosts = o.bool(ctx, "skip_previous_hosts").unwrap_or(true);
     let host_selection_retry_max_attempts = o.uint(ctx, "host_selection_retry_max_attempts", 1, 100).unwrap_or(3);
     let retry_non_idempotent = o.bool(ctx, "retry_non_idempotent").unwrap_or(false);
     if retry_on.0 == 0 {
-        ctx.error(o.mark, &o.path.field("retry_on"), "a retry policy needs `retry_on`, e.g. \"5xx,reset,connect-failure\"");
+        ctx.error(
+            o.mark,
+            &o.path.field("retry_on"),
+            "a retry policy needs `retry_on`, e.g. \"5xx,reset,connect-failure\"",
+        );
     }
     o.finish(ctx);
     Some(RetryPolicy {
@@ -487,46 +646,87 @@ pub(super) fn mirror_policy(ctx: &mut Ctx, n: &YNode, p: &Path, refs: &Refs<'_>)
     // Envoy spells the share `runtime_fraction: {default_value: {numerator, denominator}}`.
     let percentage = if let Some((n, p)) = o.get("runtime_fraction") {
         Obj::open(ctx, n, &p).and_then(|mut r| {
-            let v = r.require(ctx, "default_value").and_then(|(n, p)| percentage(ctx, n, &p));
+            let v = r
+                .require(ctx, "default_value")
+                .and_then(|(n, p)| percentage(ctx, n, &p));
             let _ = r.get("runtime_key");
             r.finish(ctx);
             v
         })
     } else {
-        o.get("percentage").and_then(|(n, p)| percentage(ctx, n, &p)).or(Some(100.0))
+        o.get("percentage")
+            .and_then(|(n, p)| percentage(ctx, n, &p))
+            .or(Some(100.0))
     };
     o.finish(ctx);
-    Some(MirrorPolicy { cluster: cluster?, percentage: percentage? })
+    Some(MirrorPolicy {
+        cluster: cluster?,
+        percentage: percentage?,
+    })
 }
 
 /// A gRPC status: a number or a name such as `UNAVAILABLE`.
 fn grpc_status(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<u8> {
     const NAMES: &[&str] = &[
-        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-        "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-        "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
     ];
-    parse_scalar(ctx, n, p, "a gRPC status code (0-16) or name such as UNAVAILABLE", |s| {
-        s.parse::<u8>().ok().filter(|c| *c <= 16).or_else(|| NAMES.iter().position(|x| x.eq_ignore_ascii_case(s)).map(|i| i as u8))
-    })
+    parse_scalar(
+        ctx,
+        n,
+        p,
+        "a gRPC status code (0-16) or name such as UNAVAILABLE",
+        |s| {
+            s.parse::<u8>()
+                .ok()
+                .filter(|c| *c <= 16)
+                .or_else(|| NAMES.iter().position(|x| x.eq_ignore_ascii_case(s)).map(|i| i as u8))
+        },
+    )
 }
 
 pub(super) fn fault(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<FaultInjection> {
     let mut o = Obj::open(ctx, n, p)?;
     let delay = o.get("delay").and_then(|(n, p)| {
         let mut d = Obj::open(ctx, n, &p)?;
-        let fixed_delay = d.require(ctx, "fixed_delay").and_then(|(n, p)| {
-            parse_scalar(ctx, n, &p, "a duration such as 5s", crate::parse_duration)
-        });
-        let percentage = d.get("percentage").and_then(|(n, p)| percentage(ctx, n, &p)).unwrap_or(100.0);
+        let fixed_delay = d
+            .require(ctx, "fixed_delay")
+            .and_then(|(n, p)| parse_scalar(ctx, n, &p, "a duration such as 5s", crate::parse_duration));
+        let percentage = d
+            .get("percentage")
+            .and_then(|(n, p)| percentage(ctx, n, &p))
+            .unwrap_or(100.0);
         d.finish(ctx);
-        Some(FaultDelay { fixed_delay: fixed_delay?, percentage })
+        Some(FaultDelay {
+            fixed_delay: fixed_delay?,
+            percentage,
+        })
     });
     let abort = o.get("abort").and_then(|(n, p)| {
         let mut a = Obj::open(ctx, n, &p)?;
-        let http = a.get("http_status").and_then(|(n, p)| uint::<u16>(ctx, n, &p, 200, 599));
+        let http = a
+            .get("http_status")
+            .and_then(|(n, p)| uint::<u16>(ctx, n, &p, 200, 599));
         let grpc = a.get("grpc_status").and_then(|(n, p)| grpc_status(ctx, n, &p));
-        let percentage = a.get("percentage").and_then(|(n, p)| percentage(ctx, n, &p)).unwrap_or(100.0);
+        let percentage = a
+            .get("percentage")
+            .and_then(|(n, p)| percentage(ctx, n, &p))
+            .unwrap_or(100.0);
         let status = match (http, grpc) {
             (Some(h), None) => Some(AbortStatus::Http(h)),
             (None, Some(g)) => Some(AbortStatus::Grpc(g)),
@@ -536,7 +736,10 @@ pub(super) fn fault(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<FaultInjection
             }
         };
         a.finish(ctx);
-        Some(FaultAbort { status: status?, percentage })
+        Some(FaultAbort {
+            status: status?,
+            percentage,
+        })
     });
     let headers = o.list(ctx, "headers", decode_header_matcher);
     if delay.is_none() && abort.is_none() && !o.has("delay") && !o.has("abort") {
@@ -550,23 +753,35 @@ pub(super) fn local_rate_limit(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Loc
     let mut o = Obj::open(ctx, n, p)?;
     let bucket = o.require(ctx, "token_bucket").and_then(|(n, p)| {
         let mut b = Obj::open(ctx, n, &p)?;
-        let max_tokens = b.require(ctx, "max_tokens").and_then(|(n, p)| uint::<u32>(ctx, n, &p, 1, u64::from(u32::MAX)));
+        let max_tokens = b
+            .require(ctx, "max_tokens")
+            .and_then(|(n, p)| uint::<u32>(ctx, n, &p, 1, u64::from(u32::MAX)));
         let tokens_per_fill = b.uint(ctx, "tokens_per_fill", 1, u64::from(u32::MAX)).unwrap_or(1);
         let fill_interval = b.require(ctx, "fill_interval").and_then(|(n, p)| {
-            parse_scalar(ctx, n, &p, "a duration of at least 1ms", crate::parse_duration).filter(|d| *d >= Duration::from_millis(1))
+            parse_scalar(ctx, n, &p, "a duration of at least 1ms", crate::parse_duration)
+                .filter(|d| *d >= Duration::from_millis(1))
         });
         b.finish(ctx);
         Some((max_tokens?, tokens_per_fill, fill_interval?))
     });
     let descriptor = o.get("descriptor").and_then(|(n, p)| {
         let mut d = Obj::open(ctx, n, &p)?;
-        let header = d.string(ctx, "header").map(|h| RateLimitKey::Header(h.to_ascii_lowercase()));
-        let ip = d.bool(ctx, "source_ip").unwrap_or(false).then_some(RateLimitKey::SourceIp);
+        let header = d
+            .string(ctx, "header")
+            .map(|h| RateLimitKey::Header(h.to_ascii_lowercase()));
+        let ip = d
+            .bool(ctx, "source_ip")
+            .unwrap_or(false)
+            .then_some(RateLimitKey::SourceIp);
         let r = match (header, ip) {
             (Some(h), None) => Some(h),
             (None, Some(i)) => Some(i),
             _ => {
-                ctx.error(d.mark, &d.path, "a descriptor has one of `header: NAME` or `source_ip: true`");
+                ctx.error(
+                    d.mark,
+                    &d.path,
+                    "a descriptor has one of `header: NAME` or `source_ip: true`",
+                );
                 None
             }
         };
@@ -576,7 +791,13 @@ pub(super) fn local_rate_limit(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Loc
     let response_headers = o.bool(ctx, "response_headers").unwrap_or(true);
     o.finish(ctx);
     let (max_tokens, tokens_per_fill, fill_interval) = bucket?;
-    Some(LocalRateLimit { max_tokens, tokens_per_fill, fill_interval, descriptor, response_headers })
+    Some(LocalRateLimit {
+        max_tokens,
+        tokens_per_fill,
+        fill_interval,
+        descriptor,
+        response_headers,
+    })
 }
 
 /// Endpoint extras: priority, locality and labels.
