@@ -850,12 +850,12 @@ fn decode_forward(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option<
         traffic::mirror_policy(ctx, n, p, refs)
     });
     let (mut max_stream_duration, mut grpc_timeout_header_max) = (Duration::ZERO, Duration::ZERO);
-    if let Some((n, p)) = o.get("max_stream_duration") {
-        if let Some(mut m) = Obj::open(ctx, n, &p) {
-            max_stream_duration = m.duration(ctx, "max_stream_duration").unwrap_or(Duration::ZERO);
-            grpc_timeout_header_max = m.duration(ctx, "grpc_timeout_header_max").unwrap_or(Duration::ZERO);
-            m.finish(ctx);
-        }
+    if let Some((n, p)) = o.get("max_stream_duration")
+        && let Some(mut m) = Obj::open(ctx, n, &p)
+    {
+        max_stream_duration = m.duration(ctx, "max_stream_duration").unwrap_or(Duration::ZERO);
+        grpc_timeout_header_max = m.duration(ctx, "grpc_timeout_header_max").unwrap_or(Duration::ZERO);
+        m.finish(ctx);
     }
     let grpc_timeout_header = o.bool(ctx, "grpc_timeout_header").unwrap_or(true);
     let priority = o

@@ -274,11 +274,7 @@ impl SharedReader {
 
     fn size_hint(&self) -> SizeHint {
         let st = self.body.lock();
-        if self.pos == 0 {
-            st.hint.clone()
-        } else {
-            SizeHint::default()
-        }
+        if self.pos == 0 { st.hint } else { SizeHint::default() }
     }
 }
 

@@ -520,12 +520,14 @@ impl ClusterRt {
         };
         let picked = set.and_then(|set| {
             let mut last = None;
+            let mut used = None;
             for attempt in 0..ctx.max_attempts.max(1) {
                 let lc = LbContext {
                     hash: ctx.hash,
                     attempt,
                 };
                 let level = set.level(&lc)?;
+                used = Some(level);
                 let Some(i) = level.picker.pick(&level.hosts, &lc) else {
                     continue;
                 };
@@ -536,6 +538,19 @@ impl ClusterRt {
                 }
                 if level.panic || h.available() {
                     last = Some(h.clone());
+                }
+            }
+            // The picker kept landing on hosts to avoid: look through the level once for one that
+            // is usable and untried (rare, bounded by the level's size). Not for consistent
+            // hashing, whose order is the point.
+            if let Some(level) = used.filter(|_| ctx.max_attempts > 1 && !self.cfg.lb_policy.is_hashing()) {
+                let n = level.hosts.len();
+                let start = rand_below(n.max(1) as u64) as usize;
+                let found = (0..n)
+                    .map(|k| &level.hosts[(start + k) % n])
+                    .find(|h| (level.panic || h.available()) && !ctx.avoid.contains(&h.id));
+                if let Some(h) = found {
+                    return Some(h.clone());
                 }
             }
             last

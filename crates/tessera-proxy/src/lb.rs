@@ -355,10 +355,10 @@ pub(crate) fn priority_load(levels: &[(u64, u64)], overprovisioning_percent: u32
         remaining -= share;
     }
     // Integer division can leave a point or two: give them to the first priority with health.
-    if remaining > 0 {
-        if let Some(i) = health.iter().position(|h| *h > 0) {
-            load[i] += remaining as u32;
-        }
+    if remaining > 0
+        && let Some(i) = health.iter().position(|h| *h > 0)
+    {
+        load[i] += remaining as u32;
     }
     load
 }

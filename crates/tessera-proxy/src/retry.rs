@@ -12,7 +12,7 @@ use crate::util::rand_below;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Failure {
     /// The connection could not be made: the request never left.
-    ConnectFailure,
+    Connect,
     /// HTTP/2 REFUSED_STREAM: the upstream did not process the request.
     RefusedStream,
     /// The connection or stream was reset before the response headers.
@@ -55,7 +55,7 @@ pub(crate) fn retry_failure(policy: &RetryPolicy, f: Failure, idempotent: bool) 
     let on = policy.retry_on;
     let safe = idempotent || policy.retry_non_idempotent;
     match f {
-        Failure::ConnectFailure => {
+        Failure::Connect => {
             on.has(RetryOn::CONNECT_FAILURE) || on.has(RetryOn::FIVE_XX) || on.has(RetryOn::GATEWAY_ERROR)
         }
         Failure::RefusedStream => on.has(RetryOn::REFUSED_STREAM) || on.has(RetryOn::FIVE_XX),
@@ -133,13 +133,13 @@ mod tests {
     fn failures() {
         let cf = policy("connect-failure");
         assert!(
-            retry_failure(&cf, Failure::ConnectFailure, false),
+            retry_failure(&cf, Failure::Connect, false),
             "never reached the app: safe even for POST"
         );
         assert!(!retry_failure(&cf, Failure::Reset, true));
         let five = policy("5xx");
         for f in [
-            Failure::ConnectFailure,
+            Failure::Connect,
             Failure::RefusedStream,
             Failure::Reset,
             Failure::PerTryTimeout,

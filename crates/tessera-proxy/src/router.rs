@@ -157,7 +157,7 @@ pub(crate) struct Forward {
 }
 
 pub(crate) enum Action {
-    Forward(Forward),
+    Forward(Box<Forward>),
     Redirect(model::Redirect),
     Direct { status: StatusCode, body: Bytes },
 }
@@ -230,7 +230,7 @@ impl RouteTable {
             let mut routes = Vec::with_capacity(vh.routes.len());
             for r in &vh.routes {
                 let action = match &r.action {
-                    RouteAction::Route(f) => Action::Forward(Forward {
+                    RouteAction::Route(f) => Action::Forward(Box::new(Forward {
                         target: match &f.cluster {
                             ClusterSpecifier::Cluster(c) => {
                                 Target::One(Dest::new(cluster(c)?, &f.metadata_match, &BTreeMap::new()))
@@ -278,7 +278,7 @@ impl RouteTable {
                         grpc_timeout_max: (!f.grpc_timeout_header_max.is_zero()).then_some(f.grpc_timeout_header_max),
                         priority: f.priority,
                         buffer_limit: u64::from(f.per_request_buffer_limit_bytes),
-                    }),
+                    })),
                     RouteAction::Redirect(r) => Action::Redirect(r.clone()),
                     RouteAction::DirectResponse(d) => Action::Direct {
                         status: StatusCode::from_u16(d.status).map_err(|_| format!("invalid status {}", d.status))?,

@@ -77,26 +77,25 @@ pub(super) fn labels(ctx: &mut Ctx, n: &YNode, p: &Path) -> BTreeMap<String, Str
 
 /// `metadata_match`: a flat label map, or Envoy's `{filter_metadata: {envoy.lb: {...}}}`.
 pub(super) fn metadata_match(ctx: &mut Ctx, n: &YNode, p: &Path) -> BTreeMap<String, String> {
-    if let Kind::Map(entries) = &n.kind {
-        if entries
+    if let Kind::Map(entries) = &n.kind
+        && entries
             .iter()
             .any(|(k, _)| matches!(&k.kind, Kind::Scalar { text } if text == "filter_metadata"))
+    {
+        let Some(mut o) = Obj::open(ctx, n, p) else {
+            return BTreeMap::new();
+        };
+        let mut out = BTreeMap::new();
+        if let Some((fm, fp)) = o.get("filter_metadata")
+            && let Some(mut f) = Obj::open(ctx, fm, &fp)
         {
-            let Some(mut o) = Obj::open(ctx, n, p) else {
-                return BTreeMap::new();
-            };
-            let mut out = BTreeMap::new();
-            if let Some((fm, fp)) = o.get("filter_metadata") {
-                if let Some(mut f) = Obj::open(ctx, fm, &fp) {
-                    if let Some((lb, lp)) = f.get("envoy.lb") {
-                        out = labels(ctx, lb, &lp);
-                    }
-                    f.finish(ctx);
-                }
+            if let Some((lb, lp)) = f.get("envoy.lb") {
+                out = labels(ctx, lb, &lp);
             }
-            o.finish(ctx);
-            return out;
+            f.finish(ctx);
         }
+        o.finish(ctx);
+        return out;
     }
     labels(ctx, n, p)
 }
@@ -179,15 +178,15 @@ pub(super) fn lb_policy(ctx: &mut Ctx, o: &mut Obj<'_>) -> LbPolicy {
             misplaced(ctx, ring, "ring_hash");
             misplaced(ctx, mag, "maglev");
             let (mut choice_count, mut active_request_bias) = (2, 1.0);
-            if let Some((n, p)) = lr {
-                if let Some(mut c) = Obj::open(ctx, n, &p) {
-                    choice_count = c.uint(ctx, "choice_count", 2, 100).unwrap_or(2);
-                    active_request_bias = c
-                        .get("active_request_bias")
-                        .and_then(|(n, p)| number(ctx, n, &p, 0.0, 10.0))
-                        .unwrap_or(1.0);
-                    c.finish(ctx);
-                }
+            if let Some((n, p)) = lr
+                && let Some(mut c) = Obj::open(ctx, n, &p)
+            {
+                choice_count = c.uint(ctx, "choice_count", 2, 100).unwrap_or(2);
+                active_request_bias = c
+                    .get("active_request_bias")
+                    .and_then(|(n, p)| number(ctx, n, &p, 0.0, 10.0))
+                    .unwrap_or(1.0);
+                c.finish(ctx);
             }
             LbPolicy::LeastRequest {
                 choice_count,
@@ -198,21 +197,21 @@ pub(super) fn lb_policy(ctx: &mut Ctx, o: &mut Obj<'_>) -> LbPolicy {
             misplaced(ctx, lr, "least_request");
             misplaced(ctx, mag, "maglev");
             let (mut min, mut max) = (1024, 8 * 1024 * 1024);
-            if let Some((n, p)) = ring {
-                if let Some(mut c) = Obj::open(ctx, n, &p) {
-                    min = c.uint(ctx, "minimum_ring_size", 1, 8 * 1024 * 1024).unwrap_or(1024);
-                    max = c
-                        .uint(ctx, "maximum_ring_size", 1, 8 * 1024 * 1024)
-                        .unwrap_or(8 * 1024 * 1024);
-                    if min > max {
-                        ctx.error(
-                            c.mark,
-                            &c.path,
-                            format!("minimum_ring_size {min} is above maximum_ring_size {max}"),
-                        );
-                    }
-                    c.finish(ctx);
+            if let Some((n, p)) = ring
+                && let Some(mut c) = Obj::open(ctx, n, &p)
+            {
+                min = c.uint(ctx, "minimum_ring_size", 1, 8 * 1024 * 1024).unwrap_or(1024);
+                max = c
+                    .uint(ctx, "maximum_ring_size", 1, 8 * 1024 * 1024)
+                    .unwrap_or(8 * 1024 * 1024);
+                if min > max {
+                    ctx.error(
+                        c.mark,
+                        &c.path,
+                        format!("minimum_ring_size {min} is above maximum_ring_size {max}"),
+                    );
                 }
+                c.finish(ctx);
             }
             LbPolicy::RingHash {
                 minimum_ring_size: min,
@@ -223,19 +222,19 @@ pub(super) fn lb_policy(ctx: &mut Ctx, o: &mut Obj<'_>) -> LbPolicy {
             misplaced(ctx, lr, "least_request");
             misplaced(ctx, ring, "ring_hash");
             let mut table_size = 65537;
-            if let Some((n, p)) = mag {
-                if let Some(mut c) = Obj::open(ctx, n, &p) {
-                    if let Some((n, p)) = c.get("table_size") {
-                        if let Some(t) = uint::<u64>(ctx, n, &p, 3, 5_000_011) {
-                            if is_prime(t) {
-                                table_size = t;
-                            } else {
-                                ctx.error(n.mark, &p, format!("table_size must be a prime; {t} is not"));
-                            }
-                        }
+            if let Some((n, p)) = mag
+                && let Some(mut c) = Obj::open(ctx, n, &p)
+            {
+                if let Some((n, p)) = c.get("table_size")
+                    && let Some(t) = uint::<u64>(ctx, n, &p, 3, 5_000_011)
+                {
+                    if is_prime(t) {
+                        table_size = t;
+                    } else {
+                        ctx.error(n.mark, &p, format!("table_size must be a prime; {t} is not"));
                     }
-                    c.finish(ctx);
                 }
+                c.finish(ctx);
             }
             LbPolicy::Maglev { table_size }
         }
@@ -243,7 +242,7 @@ pub(super) fn lb_policy(ctx: &mut Ctx, o: &mut Obj<'_>) -> LbPolicy {
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 pub(super) fn slow_start(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<SlowStart> {
@@ -304,7 +303,7 @@ pub(super) fn subset_config(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Subset
 }
 
 fn hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -558,12 +557,12 @@ pub(super) fn retry_policy(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<RetryPo
     let num_retries = o.uint(ctx, "num_retries", 0, 100).unwrap_or(1);
     let per_try_timeout = o.duration(ctx, "per_try_timeout").unwrap_or(Duration::ZERO);
     let (mut base_interval, mut max_interval) = (Duration::from_millis(25), None);
-    if let Some((n, p)) = o.get("retry_back_off") {
-        if let Some(mut b) = Obj::open(ctx, n, &p) {
-            base_interval = b.duration(ctx, "base_interval").unwrap_or(base_interval);
-            max_interval = b.duration(ctx, "max_interval");
-            b.finish(ctx);
-        }
+    if let Some((n, p)) = o.get("retry_back_off")
+        && let Some(mut b) = Obj::open(ctx, n, &p)
+    {
+        base_interval = b.duration(ctx, "base_interval").unwrap_or(base_interval);
+        max_interval = b.duration(ctx, "max_interval");
+        b.finish(ctx);
     }
     if base_interval.is_zero() {
         ctx.error(

@@ -315,3 +315,27 @@ async fn strict_dns_resolves_localhost_preferring_v4() {
     assert_eq!(bad.stats.update_failure.get(), 1);
     assert!(bad.hosts().is_empty());
 }
+
+#[test]
+fn retries_find_the_one_untried_host_even_when_random_keeps_missing_it() {
+    let eps: Vec<String> = (1..=10).map(|i| format!("10.0.0.{i}:80")).collect();
+    let c = cluster_with(
+        &format!("- {{ name: c, lb_policy: random, endpoints: [{}] }}", eps.join(", ")),
+        None,
+    );
+    let hosts = c.hosts();
+    let avoid: Vec<u64> = hosts[..9].iter().map(|h| h.id).collect();
+    for _ in 0..500 {
+        let h = c
+            .pick(&PickContext {
+                avoid: &avoid,
+                max_attempts: 3,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            h.id, hosts[9].id,
+            "three random draws miss it 73% of the time; the scan must not"
+        );
+    }
+}

@@ -43,7 +43,7 @@ pub(super) enum Fail {
 impl Fail {
     fn failure(&self) -> Failure {
         match self {
-            Fail::Connect(_) | Fail::Overflow => Failure::ConnectFailure,
+            Fail::Connect(_) | Fail::Overflow => Failure::Connect,
             Fail::Reset(e) if refused_stream(e) => Failure::RefusedStream,
             Fail::Reset(_) => Failure::Reset,
         }
