@@ -6,7 +6,9 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
 use tessera_model::Config;
-use tessera_proxy::testing::{Picker, Routes, client_hello, inspect, strip_hop_by_hop};
+use tessera_proxy::testing::{
+    Picker, Routes, client_hello, inspect, retry_breaker_allows, retry_decision, strip_hop_by_hop,
+};
 
 fn routes(n: usize) -> Routes {
     let mut r = String::new();
@@ -106,6 +108,15 @@ fn bench_lb(c: &mut Criterion) {
     }
 }
 
+fn bench_breakers(c: &mut Criterion) {
+    c.bench_function("breaker/retry_check", |b| {
+        b.iter(|| black_box(retry_breaker_allows(black_box(2), black_box(100))))
+    });
+    c.bench_function("retry/decide_on_response", |b| {
+        b.iter(|| black_box(retry_decision(black_box(503), black_box(Some(14)))))
+    });
+}
+
 fn bench_tls_inspect(c: &mut Criterion) {
     let hello = client_hello(Some("api.example.com"), &["h2", "http/1.1"]);
     c.bench_function("codec/client_hello_sni_alpn", |b| {
@@ -113,5 +124,12 @@ fn bench_tls_inspect(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_routing, bench_headers, bench_lb, bench_tls_inspect);
+criterion_group!(
+    benches,
+    bench_routing,
+    bench_headers,
+    bench_lb,
+    bench_breakers,
+    bench_tls_inspect
+);
 criterion_main!(benches);

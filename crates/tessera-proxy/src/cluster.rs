@@ -228,6 +228,9 @@ impl PrioritySet {
     }
 
     fn level(&self, ctx: &LbContext) -> Option<&Level> {
+        if self.levels.len() == 1 {
+            return self.levels.first();
+        }
         // Hashing requests choose the priority by their key too, so they stay sticky.
         let mut r = match ctx.hash {
             Some(h) => (h % 100) as u32,

@@ -115,6 +115,28 @@ pub mod testing {
         RouteTable::compile(&hcm.route_config, &clusters)
     }
 
+    /// The retry circuit breaker's check for a cluster with default thresholds.
+    pub fn retry_breaker_allows(retries_active: i64, requests_active: i64) -> bool {
+        crate::retry::breaker_allows(&tessera_model::Thresholds::default(), retries_active, requests_active)
+    }
+
+    /// Whether a `5xx,unavailable` policy retries a response, as the router decides per attempt.
+    pub fn retry_decision(status: u16, grpc_status: Option<u32>) -> bool {
+        static POLICY: std::sync::OnceLock<tessera_model::RetryPolicy> = std::sync::OnceLock::new();
+        let p = POLICY.get_or_init(|| tessera_model::RetryPolicy {
+            retry_on: tessera_model::RetryOn::parse("5xx,unavailable").unwrap_or_default(),
+            num_retries: 2,
+            per_try_timeout: std::time::Duration::ZERO,
+            base_interval: std::time::Duration::from_millis(25),
+            max_interval: std::time::Duration::from_millis(250),
+            retriable_status_codes: Vec::new(),
+            skip_previous_hosts: true,
+            host_selection_retry_max_attempts: 3,
+            retry_non_idempotent: false,
+        });
+        crate::retry::retry_response(p, status, grpc_status, true)
+    }
+
     /// Removes hop-by-hop headers as the connection manager does.
     pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         crate::http::strip_hop_by_hop(h, false);
