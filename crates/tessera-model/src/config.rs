@@ -3,6 +3,7 @@
 //! Everything here is already validated: regexes are compiled, cluster references resolve,
 //! durations are durations. `Serialize` gives `/config_dump` its JSON.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,10 +11,13 @@ use serde::{Serialize, Serializer};
 
 use crate::decode::Cidr;
 use crate::format::LogFormat;
+use crate::traffic::*;
 
 /// The whole configuration of one sidecar.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
+    /// Where this sidecar runs.
+    pub node: Node,
     /// The admin API, if enabled.
     pub admin: Option<Admin>,
     /// How long SIGTERM waits for in-flight requests before exiting.
@@ -156,6 +160,8 @@ pub struct HttpConnectionManager {
     pub route_config: RouteConfig,
     /// Access logs written when a request completes.
     pub access_log: Vec<AccessLog>,
+    /// A token bucket for every request through this connection manager (routes may override).
+    pub local_rate_limit: Option<LocalRateLimit>,
 }
 
 /// Where and how an access log is written.
@@ -221,6 +227,10 @@ pub struct Route {
     pub response_headers_to_add: Vec<HeaderValueOption>,
     /// Headers removed from responses on this route.
     pub response_headers_to_remove: Vec<String>,
+    /// Delays and aborts injected on this route.
+    pub fault: Option<FaultInjection>,
+    /// A token bucket for this route, replacing the connection manager's.
+    pub local_rate_limit: Option<LocalRateLimit>,
 }
 
 /// Request criteria of a route; all must hold.
@@ -395,6 +405,26 @@ pub struct ForwardAction {
     pub host_rewrite_literal: Option<String>,
     /// Replace the Host with the DNS name of the chosen endpoint (strict_dns clusters).
     pub auto_host_rewrite: bool,
+    /// Only endpoints with these labels (subset load balancing).
+    pub metadata_match: BTreeMap<String, String>,
+    /// Retries.
+    pub retry_policy: Option<RetryPolicy>,
+    /// Keys for consistent hashing.
+    pub hash_policy: Vec<HashPolicy>,
+    /// Shadow copies of requests.
+    pub request_mirror_policies: Vec<MirrorPolicy>,
+    /// Longest a stream may last, body included; zero disables.
+    #[serde(serialize_with = "ser_duration")]
+    pub max_stream_duration: Duration,
+    /// Use a gRPC request's `grpc-timeout` as its timeout (capped by `grpc_timeout_header_max` when set).
+    pub grpc_timeout_header: bool,
+    /// Cap for `grpc-timeout`; zero: no cap.
+    #[serde(serialize_with = "ser_duration")]
+    pub grpc_timeout_header_max: Duration,
+    /// Chooses the circuit-breaker thresholds.
+    pub priority: RoutingPriority,
+    /// Request bytes kept for retries and mirrors; a longer body disables both for that request.
+    pub per_request_buffer_limit_bytes: u32,
 }
 
 /// One cluster or a weighted set.
@@ -414,6 +444,8 @@ pub struct WeightedCluster {
     pub name: String,
     /// Its weight.
     pub weight: u32,
+    /// Only endpoints with these labels (on top of the route's).
+    pub metadata_match: BTreeMap<String, String>,
 }
 
 /// A regex substitution, as Envoy's `regex_rewrite`.
@@ -488,16 +520,6 @@ pub enum DiscoveryType {
     StrictDns,
 }
 
-/// Load-balancing policy. More arrive with the traffic-management work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LbPolicy {
-    /// Round robin, weighted by endpoint weight.
-    RoundRobin,
-    /// Uniform random.
-    Random,
-}
-
 /// Upstream HTTP protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -535,11 +557,27 @@ pub struct Cluster {
     pub http2_max_concurrent_streams: u32,
     /// Requests per upstream connection before it is retired; zero means no limit.
     pub max_requests_per_connection: u32,
+    /// Active health checks.
+    pub health_checks: Vec<HealthCheck>,
+    /// Passive health checking.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Circuit breakers per routing priority.
+    pub circuit_breakers: CircuitBreakers,
+    /// Ramp-up for new endpoints.
+    pub slow_start: Option<SlowStart>,
+    /// Subset load balancing.
+    pub lb_subset_config: SubsetConfig,
+    /// Below this share of healthy hosts (percent), balance over all hosts, healthy or not.
+    pub healthy_panic_threshold: f64,
+    /// Envoy's overprovisioning factor, in percent (140: a priority at 72% health still takes all traffic).
+    pub overprovisioning_factor: u32,
+    /// Prefer endpoints near the node's locality (Istio's locality load balancing).
+    pub locality_lb: bool,
     /// Endpoints.
     pub endpoints: Vec<Endpoint>,
 }
 
-/// One endpoint: `host:port` (an IP for static clusters) and a weight.
+/// One endpoint: `host:port` (an IP for static clusters), a weight, and where it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     /// Host (IP or DNS name).
@@ -548,6 +586,26 @@ pub struct Endpoint {
     pub port: u16,
     /// Load-balancing weight, 1 to 128.
     pub weight: u32,
+    /// Failover priority: 0 first; higher priorities take traffic as lower ones lose health.
+    pub priority: u32,
+    /// Region / zone / sub-zone.
+    pub locality: Option<Locality>,
+    /// Labels for subset load balancing (Istio's `version: v2`).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Endpoint {
+    /// An endpoint with weight 1 and nothing else.
+    pub fn new(host: impl Into<String>, port: u16) -> Endpoint {
+        Endpoint {
+            host: host.into(),
+            port,
+            weight: 1,
+            priority: 0,
+            locality: None,
+            labels: BTreeMap::new(),
+        }
+    }
 }
 
 pub(crate) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

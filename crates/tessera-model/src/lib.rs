@@ -11,6 +11,7 @@ mod error;
 pub mod format;
 mod load;
 mod mesh;
+mod traffic;
 mod yaml;
 
 pub use config::*;
@@ -19,4 +20,5 @@ pub use error::{ConfigError, LoadError};
 pub use format::LogFormat;
 pub use load::{DEFAULT_DRAIN_TIME, DEFAULT_ROUTE_TIMEOUT, split_host_port};
 pub use mesh::{MeshSpec, SampleService, SidecarSpec};
+pub use traffic::*;
 pub use yaml::Mark;

@@ -9,6 +9,7 @@ use crate::config::*;
 use crate::decode::{Cidr, Ctx, Obj, Path, enumeration, list, parse_scalar, scalar, socket_addr, string, uint};
 use crate::error::{ConfigError, LoadError};
 use crate::format::{self, LogFormat};
+use crate::traffic::{LbPolicy, RoutingPriority};
 use crate::yaml::{self, Kind, Node};
 
 /// Default drain time on SIGTERM.
@@ -81,6 +82,10 @@ fn decode_config(ctx: &mut Ctx, root: &Node) -> Option<Config> {
         Some(Admin { address: address? })
     });
     let drain_time = o.duration(ctx, "drain_time").unwrap_or(DEFAULT_DRAIN_TIME);
+    let node = o
+        .get("node")
+        .and_then(|(n, p)| traffic::node(ctx, n, &p))
+        .unwrap_or_default();
     let mut listeners: Vec<Listener> = Vec::new();
     for l in o.list(ctx, "listeners", |ctx, n, p| {
         decode_listener(ctx, n, p, &refs).map(|l| (l, n.mark, p.clone()))
@@ -91,6 +96,7 @@ fn decode_config(ctx: &mut Ctx, root: &Node) -> Option<Config> {
     }
     o.finish(ctx);
     Some(Config {
+        node,
         admin,
         drain_time,
         listeners,
@@ -311,6 +317,9 @@ fn decode_hcm(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, listener: &str
         .require(ctx, "route_config")
         .and_then(|(n, p)| decode_route_config(ctx, n, &p, refs));
     let access_log = o.list(ctx, "access_log", decode_access_log);
+    let local_rate_limit = o
+        .get("local_rate_limit")
+        .and_then(|(n, p)| traffic::local_rate_limit(ctx, n, &p));
     o.finish(ctx);
     Some(HttpConnectionManager {
         stat_prefix,
@@ -325,6 +334,7 @@ fn decode_hcm(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, listener: &str
         use_remote_address,
         route_config: route_config?,
         access_log,
+        local_rate_limit,
     })
 }
 
@@ -554,8 +564,14 @@ fn decode_route(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option<Ro
     };
     let (request_headers_to_add, request_headers_to_remove, response_headers_to_add, response_headers_to_remove) =
         header_mutations(ctx, &mut o);
+    let fault = o.get("fault").and_then(|(n, p)| traffic::fault(ctx, n, &p));
+    let local_rate_limit = o
+        .get("local_rate_limit")
+        .and_then(|(n, p)| traffic::local_rate_limit(ctx, n, &p));
     o.finish(ctx);
     Some(Route {
+        fault,
+        local_rate_limit,
         name,
         matcher: matcher?,
         action: action?,
@@ -822,6 +838,40 @@ fn decode_forward(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option<
             "give `host_rewrite_literal` or `auto_host_rewrite`, not both",
         );
     }
+    let metadata_match = o
+        .get("metadata_match")
+        .map(|(n, p)| traffic::metadata_match(ctx, n, &p))
+        .unwrap_or_default();
+    let retry_policy = o
+        .get("retry_policy")
+        .and_then(|(n, p)| traffic::retry_policy(ctx, n, &p));
+    let hash_policy = o.list(ctx, "hash_policy", traffic::hash_policy);
+    let request_mirror_policies = o.list(ctx, "request_mirror_policies", |ctx, n, p| {
+        traffic::mirror_policy(ctx, n, p, refs)
+    });
+    let (mut max_stream_duration, mut grpc_timeout_header_max) = (Duration::ZERO, Duration::ZERO);
+    if let Some((n, p)) = o.get("max_stream_duration")
+        && let Some(mut m) = Obj::open(ctx, n, &p)
+    {
+        max_stream_duration = m.duration(ctx, "max_stream_duration").unwrap_or(Duration::ZERO);
+        grpc_timeout_header_max = m.duration(ctx, "grpc_timeout_header_max").unwrap_or(Duration::ZERO);
+        m.finish(ctx);
+    }
+    let grpc_timeout_header = o.bool(ctx, "grpc_timeout_header").unwrap_or(true);
+    let priority = o
+        .get("priority")
+        .and_then(|(n, p)| {
+            enumeration(
+                ctx,
+                n,
+                &p,
+                &[("DEFAULT", RoutingPriority::Default), ("HIGH", RoutingPriority::High)],
+            )
+        })
+        .unwrap_or_default();
+    let per_request_buffer_limit_bytes = o
+        .uint(ctx, "per_request_buffer_limit_bytes", 0, 64 * 1024 * 1024)
+        .unwrap_or(1024 * 1024);
     o.finish(ctx);
     Some(ForwardAction {
         cluster: cluster?,
@@ -830,6 +880,15 @@ fn decode_forward(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option<
         regex_rewrite,
         host_rewrite_literal,
         auto_host_rewrite,
+        metadata_match,
+        retry_policy,
+        hash_policy,
+        request_mirror_policies,
+        max_stream_duration,
+        grpc_timeout_header,
+        grpc_timeout_header_max,
+        priority,
+        per_request_buffer_limit_bytes,
     })
 }
 
@@ -851,10 +910,15 @@ fn decode_weighted(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option
         let weight = o
             .require(ctx, "weight")
             .and_then(|(n, p)| uint(ctx, n, &p, 0, 1_000_000));
+        let metadata_match = o
+            .get("metadata_match")
+            .map(|(n, p)| traffic::metadata_match(ctx, n, &p))
+            .unwrap_or_default();
         o.finish(ctx);
         Some(WeightedCluster {
             name: name?,
             weight: weight?,
+            metadata_match,
         })
     });
     if items.iter().map(|w| u64::from(w.weight)).sum::<u64>() == 0 {
@@ -939,17 +1003,7 @@ fn decode_cluster(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Cluster> {
         )
     });
     let connect_timeout = o.duration(ctx, "connect_timeout").unwrap_or(Duration::from_secs(5));
-    let lb_policy = o
-        .get("lb_policy")
-        .and_then(|(n, p)| {
-            enumeration(
-                ctx,
-                n,
-                &p,
-                &[("round_robin", LbPolicy::RoundRobin), ("random", LbPolicy::Random)],
-            )
-        })
-        .unwrap_or(LbPolicy::RoundRobin);
+    let lb_policy = traffic::lb_policy(ctx, &mut o);
     let protocol = o
         .get("protocol")
         .and_then(|(n, p)| {
@@ -974,6 +1028,32 @@ fn decode_cluster(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Cluster> {
     let max_requests_per_connection = o
         .uint(ctx, "max_requests_per_connection", 0, u64::from(u32::MAX))
         .unwrap_or(0);
+    let health_checks = o.list(ctx, "health_checks", traffic::health_check);
+    let outlier_detection = o
+        .get("outlier_detection")
+        .and_then(|(n, p)| traffic::outlier_detection(ctx, n, &p));
+    let circuit_breakers = o
+        .get("circuit_breakers")
+        .and_then(|(n, p)| traffic::circuit_breakers(ctx, n, &p))
+        .unwrap_or_default();
+    let slow_start = o.get("slow_start").and_then(|(n, p)| traffic::slow_start(ctx, n, &p));
+    if slow_start.is_some() && !matches!(lb_policy, LbPolicy::RoundRobin | LbPolicy::LeastRequest { .. }) {
+        ctx.error(
+            o.mark,
+            &o.path.field("slow_start"),
+            "slow start works with round_robin and least_request only",
+        );
+    }
+    let lb_subset_config = o
+        .get("lb_subset_config")
+        .and_then(|(n, p)| traffic::subset_config(ctx, n, &p))
+        .unwrap_or_default();
+    let healthy_panic_threshold = o
+        .get("healthy_panic_threshold")
+        .and_then(|(n, p)| traffic::percentage(ctx, n, &p))
+        .unwrap_or(50.0);
+    let overprovisioning_factor = o.uint(ctx, "overprovisioning_factor", 100, 100_000).unwrap_or(140);
+    let locality_lb = o.bool(ctx, "locality_lb").unwrap_or(true);
     let endpoints = o.list(ctx, "endpoints", decode_endpoint);
     let all_ips = endpoints.iter().all(|e| e.host.parse::<IpAddr>().is_ok());
     let discovery = match discovery {
@@ -1002,21 +1082,30 @@ fn decode_cluster(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Cluster> {
         idle_timeout,
         http2_max_concurrent_streams,
         max_requests_per_connection,
+        health_checks,
+        outlier_detection,
+        circuit_breakers,
+        slow_start,
+        lb_subset_config,
+        healthy_panic_threshold,
+        overprovisioning_factor,
+        locality_lb,
         endpoints,
     })
 }
 
 fn decode_endpoint(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Endpoint> {
-    let (addr_node, addr_path, weight) = match &n.kind {
+    let (addr_node, addr_path, weight, extras) = match &n.kind {
         Kind::Map(_) => {
             let mut o = Obj::open(ctx, n, p)?;
             let a = o.require(ctx, "address");
             let w = o.uint(ctx, "weight", 1, 128).unwrap_or(1);
+            let extras = traffic::endpoint_extras(ctx, &mut o);
             o.finish(ctx);
             let (an, ap) = a?;
-            (an, ap, w)
+            (an, ap, w, extras)
         }
-        _ => (n, p.clone(), 1),
+        _ => (n, p.clone(), 1, Default::default()),
     };
     let (host, port) = parse_scalar(
         ctx,
@@ -1025,7 +1114,15 @@ fn decode_endpoint(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Endpoint> {
         "host:port, e.g. 127.0.0.1:8080, [::1]:8080 or backend.local:80",
         split_host_port,
     )?;
-    Some(Endpoint { host, port, weight })
+    let (priority, locality, labels) = extras;
+    Some(Endpoint {
+        host,
+        port,
+        weight,
+        priority,
+        locality,
+        labels,
+    })
 }
 
 /// Splits `host:port`; IPv6 hosts are bracketed.
@@ -1046,6 +1143,8 @@ pub fn split_host_port(s: &str) -> Option<(String, u16)> {
     }
     Some((host.to_ascii_lowercase(), port))
 }
+
+mod traffic;
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,9 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
 use tessera_model::Config;
-use tessera_proxy::testing::{Picker, Routes, client_hello, inspect, strip_hop_by_hop};
+use tessera_proxy::testing::{
+    Picker, Routes, client_hello, inspect, retry_breaker_allows, retry_decision, strip_hop_by_hop,
+};
 
 fn routes(n: usize) -> Routes {
     let mut r = String::new();
@@ -84,14 +86,35 @@ fn bench_headers(c: &mut Criterion) {
 }
 
 fn bench_lb(c: &mut Criterion) {
-    let equal = Picker::new(&[1; 100], false);
-    c.bench_function("lb/round_robin_100_hosts", |b| b.iter(|| black_box(equal.pick())));
-    let weighted = Picker::new(&(1..=100).collect::<Vec<u32>>(), false);
-    c.bench_function("lb/weighted_round_robin_100_hosts", |b| {
-        b.iter(|| black_box(weighted.pick()))
+    let equal: Vec<u32> = vec![1; 100];
+    let weighted: Vec<u32> = (1..=100).collect();
+    for (name, policy, weights) in [
+        ("round_robin_100_hosts", "round_robin", &equal),
+        ("weighted_round_robin_100_hosts", "round_robin", &weighted),
+        ("random_100_hosts", "random", &equal),
+        ("least_request_100_hosts", "least_request", &equal),
+        ("weighted_least_request_100_hosts", "least_request", &weighted),
+        ("ring_hash_100_hosts", "ring_hash", &equal),
+        ("maglev_100_hosts", "maglev", &equal),
+    ] {
+        let p = Picker::new(weights, policy);
+        let mut key = 0u64;
+        c.bench_function(&format!("lb/{name}"), |b| {
+            b.iter(|| {
+                key = key.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                black_box(p.pick(Some(key)))
+            })
+        });
+    }
+}
+
+fn bench_breakers(c: &mut Criterion) {
+    c.bench_function("breaker/retry_check", |b| {
+        b.iter(|| black_box(retry_breaker_allows(black_box(2), black_box(100))))
     });
-    let random = Picker::new(&[1; 100], true);
-    c.bench_function("lb/random_100_hosts", |b| b.iter(|| black_box(random.pick())));
+    c.bench_function("retry/decide_on_response", |b| {
+        b.iter(|| black_box(retry_decision(black_box(503), black_box(Some(14)))))
+    });
 }
 
 fn bench_tls_inspect(c: &mut Criterion) {
@@ -101,5 +124,12 @@ fn bench_tls_inspect(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_routing, bench_headers, bench_lb, bench_tls_inspect);
+criterion_group!(
+    benches,
+    bench_routing,
+    bench_headers,
+    bench_lb,
+    bench_breakers,
+    bench_tls_inspect
+);
 criterion_main!(benches);

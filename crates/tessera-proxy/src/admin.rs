@@ -234,8 +234,7 @@ fn clusters(shared: &Shared, as_json: bool) -> Response<Full<Bytes>> {
             .iter()
             .map(|c| {
                 let hosts: Vec<_> = c
-                    .host_set()
-                    .hosts
+                    .hosts()
                     .iter()
                     .map(|h| {
                         let s = &h.stats;
@@ -243,7 +242,13 @@ fn clusters(shared: &Shared, as_json: bool) -> Response<Full<Bytes>> {
                             "address": {"socket_address": {"address": h.addr.ip().to_string(), "port_value": h.addr.port()}},
                             "hostname": h.hostname.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
                             "weight": h.weight,
-                            "health_status": {"eds_health_status": "HEALTHY"},
+                            "health_status": {
+                                "eds_health_status": "HEALTHY",
+                                "failed_active_health_check": h.health.load(Ordering::Relaxed) & crate::cluster::FAILED_ACTIVE_HC != 0,
+                                "failed_outlier_check": h.health.load(Ordering::Relaxed) & crate::cluster::FAILED_OUTLIER != 0,
+                            },
+                            "priority": h.priority,
+                            "locality": h.locality,
                             "stats": [
                                 {"name": "cx_total", "value": l(&s.cx_total)},
                                 {"name": "cx_active", "value": li(&s.cx_active), "type": "GAUGE"},
@@ -266,7 +271,7 @@ fn clusters(shared: &Shared, as_json: bool) -> Response<Full<Bytes>> {
     for c in clusters.iter() {
         let n = c.name();
         let _ = writeln!(out, "{n}::observability_name::{n}");
-        for h in c.host_set().hosts.iter() {
+        for h in c.hosts().iter() {
             let s = &h.stats;
             let a = h.addr;
             let _ = writeln!(out, "{n}::{a}::cx_active::{}", li(&s.cx_active));
@@ -282,7 +287,13 @@ fn clusters(shared: &Shared, as_json: bool) -> Response<Full<Bytes>> {
                 "{n}::{a}::hostname::{}",
                 h.hostname.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("")
             );
-            let _ = writeln!(out, "{n}::{a}::health_flags::healthy");
+            let _ = writeln!(out, "{n}::{a}::health_flags::{}", h.health_text());
+            let _ = writeln!(out, "{n}::{a}::priority::{}", h.priority);
+            if let Some(l) = &h.locality {
+                let _ = writeln!(out, "{n}::{a}::region::{}", l.region);
+                let _ = writeln!(out, "{n}::{a}::zone::{}", l.zone);
+                let _ = writeln!(out, "{n}::{a}::sub_zone::{}", l.sub_zone);
+            }
             let _ = writeln!(out, "{n}::{a}::weight::{}", h.weight);
         }
     }

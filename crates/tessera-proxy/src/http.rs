@@ -17,7 +17,6 @@ use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tessera_model as model;
@@ -26,13 +25,16 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::access_log::{LogRecord, LogSink, LogSpec};
-use crate::body::{Ending, ReqBody, ReqTrack, RespBody, UpstreamBody};
+use crate::body::{Ending, ReqTrack, RespBody};
 use crate::cluster::{ClusterRt, Host};
 use crate::flags::ResponseFlags;
-use crate::pool::{self, Conn, ConnectError, Pooled};
+use crate::pool::Pooled;
+use crate::ratelimit::RateLimiter;
 use crate::router::{self, Action, Forward, RequestView, Route, RouteTable, VirtualHost, mutate};
 use crate::stats::{Counter, Gauge, Scope, Stats};
-use crate::util::uuid_v4;
+use crate::util::{rand_below, uuid_v4};
+
+mod forward;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -61,6 +63,10 @@ pub(crate) struct HttpStats {
     pub(crate) no_route: Arc<Counter>,
     pub(crate) rq_redirect: Arc<Counter>,
     pub(crate) rq_direct_response: Arc<Counter>,
+    pub(crate) local_rate_limited: Arc<Counter>,
+    pub(crate) local_rate_limit_ok: Arc<Counter>,
+    pub(crate) fault_delays_injected: Arc<Counter>,
+    pub(crate) fault_aborts_injected: Arc<Counter>,
 }
 
 impl HttpStats {
@@ -89,6 +95,10 @@ impl HttpStats {
             no_route: c("no_route"),
             rq_redirect: c("rq_redirect"),
             rq_direct_response: c("rq_direct_response"),
+            local_rate_limited: c("local_rate_limit.rate_limited"),
+            local_rate_limit_ok: c("local_rate_limit.ok"),
+            fault_delays_injected: c("fault.delays_injected"),
+            fault_aborts_injected: c("fault.aborts_injected"),
         }
     }
 }
@@ -104,6 +114,7 @@ pub(crate) struct HttpChainRt {
     builder: auto::Builder<TokioExecutor>,
     request_timeout: Option<Duration>,
     max_headers: usize,
+    rate_limit: Option<Arc<RateLimiter>>,
 }
 
 impl HttpChainRt {
@@ -138,6 +149,7 @@ impl HttpChainRt {
             logs: LogSpec::new(&cfg.access_log),
             request_timeout: (!cfg.request_timeout.is_zero()).then_some(cfg.request_timeout),
             max_headers: cfg.max_request_headers_count as usize,
+            rate_limit: cfg.local_rate_limit.clone().map(|c| Arc::new(RateLimiter::new(c))),
             routes,
             builder,
             cfg,
@@ -254,6 +266,7 @@ impl Stream {
                 Ending::Complete => {}
                 Ending::UpstreamError => cluster.stats.upstream_rq_rx_reset.inc(),
                 Ending::Dropped => cluster.stats.upstream_rq_tx_reset.inc(),
+                Ending::MaxDuration => cluster.stats.upstream_rq_max_duration_reached.inc(),
             }
         }
         if ending == Ending::Dropped {
@@ -267,6 +280,7 @@ impl Stream {
                 Ending::Complete => {}
                 Ending::UpstreamError => l.flags.insert(ResponseFlags::UPSTREAM_REMOTE_RESET),
                 Ending::Dropped => l.flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION),
+                Ending::MaxDuration => l.flags.insert(ResponseFlags::DURATION_TIMEOUT),
             }
         }
         self.cx.end(status, log);
@@ -454,6 +468,76 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
     if let Some(l) = st.log() {
         l.route_name = route.name.clone();
     }
+    // Local rate limit: the route's bucket, else the connection manager's.
+    if let Some(rl) = route.rate_limit.as_ref().or(chain.rate_limit.as_ref()) {
+        let v = rl.check(&parts.headers, st.cx.remote.ip());
+        if !v.allowed {
+            stats.local_rate_limited.inc();
+            let mut resp = local_reply(
+                st,
+                grpc,
+                parts.version,
+                StatusCode::TOO_MANY_REQUESTS,
+                "local_rate_limited",
+                ResponseFlags::RATE_LIMITED,
+                "local_rate_limited",
+            );
+            if rl.cfg.response_headers {
+                let h = resp.headers_mut();
+                h.insert("x-ratelimit-limit", HeaderValue::from(v.limit));
+                h.insert("x-ratelimit-remaining", HeaderValue::from(v.remaining));
+                h.insert("x-ratelimit-reset", HeaderValue::from(v.reset_secs));
+            }
+            return Ok(resp);
+        }
+        stats.local_rate_limit_ok.inc();
+    }
+    // Fault injection (Istio's HTTPFaultInjection): a delay, then perhaps an abort.
+    if let Some(fault) = &route.fault {
+        let view = RequestView {
+            host: authority(&parts),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            method: &parts.method,
+            scheme: "http",
+            headers: &parts.headers,
+        };
+        if fault.headers.iter().all(|h| router::header_matches(h, &view)) {
+            let hit = |pct: f64| rand_below(10_000) < (pct * 100.0) as u64;
+            if let Some(d) = fault.delay.as_ref().filter(|d| hit(d.percentage)) {
+                stats.fault_delays_injected.inc();
+                if let Some(l) = st.log() {
+                    l.flags.insert(ResponseFlags::DELAY_INJECTED);
+                }
+                tokio::time::sleep(d.fixed_delay).await;
+            }
+            if let Some(a) = fault.abort.as_ref().filter(|a| hit(a.percentage)) {
+                stats.fault_aborts_injected.inc();
+                return Ok(match a.status {
+                    model::AbortStatus::Http(code) => {
+                        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                        local_reply(
+                            st,
+                            grpc,
+                            parts.version,
+                            status,
+                            "fault filter abort",
+                            ResponseFlags::FAULT_INJECTED,
+                            "fault_filter_abort",
+                        )
+                    }
+                    model::AbortStatus::Grpc(code) => grpc_local_reply(
+                        st,
+                        parts.version,
+                        code,
+                        "fault filter abort",
+                        ResponseFlags::FAULT_INJECTED,
+                        "fault_filter_abort",
+                    ),
+                });
+            }
+        }
+    }
     let resp = match &route.action {
         Action::Direct { status, body: text } => {
             stats.rq_direct_response.inc();
@@ -487,7 +571,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
             response_mutations(resp.headers_mut(), &table, vh, route);
             finish_local(st, resp, ResponseFlags::NONE, "redirect")
         }
-        Action::Forward(f) => forward(st, parts, body, &table, vh, route, f, grpc).await,
+        Action::Forward(f) => forward::forward(st, parts, body, &table, vh, route, f, grpc).await,
     };
     Ok(resp)
 }
@@ -499,321 +583,6 @@ fn response_mutations(h: &mut HeaderMap, table: &RouteTable, vh: &VirtualHost, r
             mutate(h, &m.response_remove, &m.response_add);
         }
     }
-}
-
-/// Why forwarding failed before a response arrived.
-enum Fail {
-    Connect(ConnectError),
-    Reset(hyper::Error),
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    mut st: Stream,
-    mut parts: Parts,
-    body: Incoming,
-    table: &RouteTable,
-    vh: &VirtualHost,
-    route: &Route,
-    f: &Forward,
-    grpc: bool,
-) -> Response<RespBody> {
-    let start = st.start;
-    let cluster = f.target.pick().clone();
-    if let Some(l) = st.log() {
-        l.upstream_cluster = Some(cluster.name().to_string());
-    }
-    let version = parts.version;
-    let Some(host) = cluster.pick() else {
-        return local_reply(
-            st,
-            grpc,
-            version,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy upstream",
-            ResponseFlags::NO_HEALTHY_UPSTREAM,
-            "no_healthy_upstream",
-        );
-    };
-    if let Some(l) = st.log() {
-        l.upstream_host = Some(host.addr);
-    }
-    let to_h2 = match cluster.cfg.protocol {
-        model::UpstreamProtocol::Http1 => false,
-        model::UpstreamProtocol::Http2 => true,
-        model::UpstreamProtocol::Downstream => version == Version::HTTP_2,
-    };
-    let upgrade = !to_h2 && version == Version::HTTP_11 && is_upgrade(&parts.headers);
-    let down_upgrade = if upgrade {
-        parts.extensions.remove::<OnUpgrade>()
-    } else {
-        None
-    };
-    prepare_request(&st.cx, &mut parts, table, vh, route, f, &host, to_h2, upgrade);
-    if let Some(l) = st.log() {
-        // Envoy's %REQ()% sees the request as sent upstream (rewritten path, x-envoy-original-path).
-        l.req_headers.clear();
-        l.capture_request(&parts, authority(&parts));
-    }
-
-    let chain = st.cx.chain.clone();
-    let track: Option<Arc<ReqTrack>> = (st.log.is_some() || chain.request_timeout.is_some()).then(Arc::default);
-    let req = Request::from_parts(parts, ReqBody::new(body, track.clone()));
-    st.sent(cluster.clone(), host.clone());
-
-    enum Outcome {
-        Sent(Result<(Response<Incoming>, Pooled), Fail>),
-        UpstreamTimeout,
-        RequestTimeout,
-    }
-    // The send future borrows the cluster and host; it ends with this block.
-    let outcome = {
-        let send = send(&cluster, &host, req, to_h2, upgrade);
-        tokio::pin!(send);
-        let route_deadline = f.timeout.map(|t| start + t);
-        let req_deadline = chain
-            .request_timeout
-            .filter(|_| track.as_ref().is_some_and(|t| !t.done.load(Ordering::Relaxed)))
-            .map(|t| start + t);
-        let route_timer = at(route_deadline);
-        tokio::pin!(route_timer);
-        let req_timer = at(req_deadline);
-        tokio::pin!(req_timer);
-        let mut req_timer_live = req_deadline.is_some();
-
-        loop {
-            tokio::select! {
-                r = send.as_mut() => break Outcome::Sent(r),
-                () = route_timer.as_mut() => break Outcome::UpstreamTimeout,
-                () = req_timer.as_mut(), if req_timer_live => {
-                    if track.as_ref().is_some_and(|t| t.done.load(Ordering::Relaxed)) {
-                        req_timer_live = false;
-                    } else {
-                        break Outcome::RequestTimeout;
-                    }
-                }
-            }
-        }
-    };
-    if let (Some(l), Some(t)) = (st.log.as_mut(), track.as_ref()) {
-        l.bytes_received = t.bytes.load(Ordering::Relaxed);
-    }
-    let (resp, pooled) = match outcome {
-        Outcome::Sent(Ok(r)) => r,
-        Outcome::UpstreamTimeout => {
-            st.upstream_failed(true);
-            cluster.stats.upstream_rq_timeout.inc();
-            return local_reply(
-                st,
-                grpc,
-                version,
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream request timeout",
-                ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
-                "upstream_response_timeout",
-            );
-        }
-        Outcome::RequestTimeout => {
-            st.upstream_failed(false);
-            chain.stats.downstream_rq_timeout.inc();
-            return local_reply(
-                st,
-                grpc,
-                version,
-                StatusCode::REQUEST_TIMEOUT,
-                "request timeout",
-                ResponseFlags::NONE,
-                "request_overall_timeout",
-            );
-        }
-        Outcome::Sent(Err(fail)) => {
-            st.upstream_failed(false);
-            let (text, flag, details) = match &fail {
-                Fail::Connect(ConnectError::Timeout) => (
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
-                        .to_string(),
-                    ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
-                    "upstream_reset_before_response_started{connection_timeout}",
-                ),
-                Fail::Connect(ConnectError::Io(e)) => (
-                    format!(
-                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {e}"
-                    ),
-                    ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
-                    "upstream_reset_before_response_started{connection_failure}",
-                ),
-                Fail::Connect(ConnectError::Handshake(e)) => (
-                    format!(
-                        "upstream connect error or disconnect/reset before headers. reset reason: protocol error, transport failure reason: {e}"
-                    ),
-                    ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
-                    "upstream_reset_before_response_started{protocol_error}",
-                ),
-                Fail::Reset(e) => {
-                    cluster.stats.upstream_rq_rx_reset.inc();
-                    (
-                        format!(
-                            "upstream connect error or disconnect/reset before headers. reset reason: connection termination ({e})"
-                        ),
-                        ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
-                        "upstream_reset_before_response_started{connection_termination}",
-                    )
-                }
-            };
-            return local_reply(st, grpc, version, StatusCode::SERVICE_UNAVAILABLE, text, flag, details);
-        }
-    };
-
-    let status = resp.status();
-    cluster.stats.status(status.as_u16());
-    let (mut rparts, rbody) = resp.into_parts();
-    let switching = upgrade && status == StatusCode::SWITCHING_PROTOCOLS;
-    strip_response_hop_by_hop(&mut rparts.headers, switching);
-    response_mutations(&mut rparts.headers, table, vh, route);
-    rparts.version = version;
-    if switching && let (Some(down), Some(up)) = (down_upgrade, rparts.extensions.remove::<OnUpgrade>()) {
-        chain.stats.downstream_cx_upgrades_total.inc();
-        tokio::spawn(tunnel(down, up));
-    }
-    if let Some(l) = st.log() {
-        l.response_code = status.as_u16();
-        l.response_duration = Some(start.elapsed());
-        l.capture_response(&rparts.headers);
-    }
-    let finish = Finish {
-        st,
-        cluster,
-        pooled,
-        status: status.as_u16(),
-        track,
-    };
-    Response::from_parts(rparts, RespBody::Upstream(UpstreamBody::new(rbody, finish)))
-}
-
-async fn at(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Copies bytes both ways between an upgraded downstream and upstream (WebSocket and friends).
-async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
-    match tokio::try_join!(down, up) {
-        Ok((d, u)) => {
-            let mut d = TokioIo::new(d);
-            let mut u = TokioIo::new(u);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
-                tracing::debug!(error = %e, "upgraded connection ended with an error");
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-    }
-}
-
-/// Sends `req` over a pooled connection, or a new one. A pooled HTTP/1 connection the upstream
-/// closed while idle gives the request back unsent; it then goes out on another connection.
-async fn send(
-    cluster: &ClusterRt,
-    host: &Arc<Host>,
-    mut req: Request<ReqBody>,
-    h2: bool,
-    upgrade: bool,
-) -> Result<(Response<Incoming>, Pooled), Fail> {
-    let cfg = &cluster.cfg;
-    if upgrade {
-        // An upgraded connection becomes a tunnel, so it is never shared.
-        let Conn::H1 { mut sender, .. } = pool::connect(cluster, host, false).await.map_err(Fail::Connect)? else {
-            unreachable!("asked for HTTP/1")
-        };
-        let resp = sender.send_request(req).await.map_err(Fail::Reset)?;
-        return Ok((resp, Pooled::None));
-    }
-    for _ in 0..3 {
-        let (conn, reused) = if h2 {
-            h2_conn(cluster, host).await.map_err(Fail::Connect)?
-        } else {
-            match pool::take_h1(host.id, cfg.idle_timeout) {
-                Some((sender, uses)) => (Conn::H1 { sender, uses }, true),
-                None => (pool::connect(cluster, host, false).await.map_err(Fail::Connect)?, false),
-            }
-        };
-        match conn {
-            Conn::H1 { mut sender, uses } => {
-                if reused && sender.ready().await.is_err() {
-                    continue;
-                }
-                match sender.try_send_request(req).await {
-                    Ok(resp) => {
-                        return Ok((
-                            resp,
-                            Pooled::H1 {
-                                host: host.id,
-                                sender,
-                                uses: uses + 1,
-                            },
-                        ));
-                    }
-                    Err(mut e) => match e.take_message() {
-                        Some(r) if reused => req = r,
-                        _ => return Err(Fail::Reset(e.into_error())),
-                    },
-                }
-            }
-            Conn::H2 { mut sender, active } => {
-                let r = sender.try_send_request(req).await;
-                match r {
-                    Ok(resp) => return Ok((resp, Pooled::H2(active))),
-                    Err(mut e) => {
-                        active.fetch_sub(1, Ordering::Relaxed);
-                        match e.take_message() {
-                            Some(r) if reused => req = r,
-                            _ => return Err(Fail::Reset(e.into_error())),
-                        }
-                    }
-                }
-            }
-        }
-    }
-    // Three pooled connections in a row were dead: make a fresh one, and report what it says.
-    match pool::connect(cluster, host, h2).await.map_err(Fail::Connect)? {
-        Conn::H1 { mut sender, uses } => {
-            let resp = sender.send_request(req).await.map_err(Fail::Reset)?;
-            Ok((
-                resp,
-                Pooled::H1 {
-                    host: host.id,
-                    sender,
-                    uses: uses + 1,
-                },
-            ))
-        }
-        Conn::H2 { mut sender, active } => match sender.send_request(req).await {
-            Ok(resp) => Ok((resp, Pooled::H2(active))),
-            Err(e) => {
-                active.fetch_sub(1, Ordering::Relaxed);
-                Err(Fail::Reset(e))
-            }
-        },
-    }
-}
-
-/// An HTTP/2 connection with a free stream: a pooled one, the one another request is making, or a new one.
-async fn h2_conn(cluster: &ClusterRt, host: &Arc<Host>) -> Result<(Conn, bool), ConnectError> {
-    let cfg = &cluster.cfg;
-    for _ in 0..8 {
-        match pool::h2_slot(
-            host.id,
-            cfg.http2_max_concurrent_streams,
-            cfg.max_requests_per_connection,
-        ) {
-            pool::H2Slot::Ready(sender, active) => return Ok((Conn::H2 { sender, active }, true)),
-            pool::H2Slot::Wait(c) => c.wait().await?,
-            pool::H2Slot::Connect(g) => return Ok((pool::connect_h2(cluster, host, Some(g)).await?, false)),
-        }
-    }
-    // Connections keep filling up under us: make one of our own.
-    Ok((pool::connect_h2(cluster, host, None).await?, false))
 }
 
 fn is_upgrade(h: &HeaderMap) -> bool {
@@ -925,7 +694,6 @@ fn prepare_request(
     vh: &VirtualHost,
     route: &Route,
     f: &Forward,
-    host: &Host,
     to_h2: bool,
     upgrade: bool,
 ) {
@@ -962,13 +730,8 @@ fn prepare_request(
     {
         parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
     }
-    let new_authority = f.host_rewrite.clone().or_else(|| {
-        if f.auto_host_rewrite {
-            host.hostname.clone()
-        } else {
-            None
-        }
-    });
+    // `auto_host_rewrite` needs the chosen host, so it is applied per attempt.
+    let new_authority = f.host_rewrite.clone();
     set_target(parts, new_path, new_authority, to_h2);
 }
 
@@ -1127,6 +890,26 @@ fn local_reply(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     finish_local(st, resp, flags, details)
+}
+
+/// A trailers-only gRPC answer with `code` (HTTP 200), whatever the request's framing.
+fn grpc_local_reply(
+    st: Stream,
+    version: Version,
+    code: u8,
+    text: &str,
+    flags: ResponseFlags,
+    details: &'static str,
+) -> Response<RespBody> {
+    let mut r = Response::new(RespBody::empty());
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(GRPC_STATUS, HeaderValue::from(u16::from(code)));
+    if let Ok(v) = HeaderValue::from_maybe_shared(percent_encode_grpc(text.as_bytes())) {
+        h.insert(GRPC_MESSAGE, v);
+    }
+    *r.version_mut() = version;
+    finish_local(st, r, flags, details)
 }
 
 fn finish_local(

@@ -11,9 +11,14 @@ mod admin;
 mod body;
 mod cluster;
 mod flags;
+mod health;
 mod http;
+mod lb;
 mod listener;
+mod outlier;
 mod pool;
+mod ratelimit;
+mod retry;
 mod router;
 mod server;
 mod stats;
@@ -96,7 +101,7 @@ pub mod testing {
         let clusters: HashMap<String, Arc<ClusterRt>> = cfg
             .clusters
             .iter()
-            .map(|c| (c.name.clone(), Arc::new(ClusterRt::new(c.clone(), &stats, None))))
+            .map(|c| (c.name.clone(), Arc::new(ClusterRt::new(c.clone(), &stats, None, None))))
             .collect();
         let hcm = cfg
             .listeners
@@ -110,6 +115,28 @@ pub mod testing {
         RouteTable::compile(&hcm.route_config, &clusters)
     }
 
+    /// The retry circuit breaker's check for a cluster with default thresholds.
+    pub fn retry_breaker_allows(retries_active: i64, requests_active: i64) -> bool {
+        crate::retry::breaker_allows(&tessera_model::Thresholds::default(), retries_active, requests_active)
+    }
+
+    /// Whether a `5xx,unavailable` policy retries a response, as the router decides per attempt.
+    pub fn retry_decision(status: u16, grpc_status: Option<u32>) -> bool {
+        static POLICY: std::sync::OnceLock<tessera_model::RetryPolicy> = std::sync::OnceLock::new();
+        let p = POLICY.get_or_init(|| tessera_model::RetryPolicy {
+            retry_on: tessera_model::RetryOn::parse("5xx,unavailable").unwrap_or_default(),
+            num_retries: 2,
+            per_try_timeout: std::time::Duration::ZERO,
+            base_interval: std::time::Duration::from_millis(25),
+            max_interval: std::time::Duration::from_millis(250),
+            retriable_status_codes: Vec::new(),
+            skip_previous_hosts: true,
+            host_selection_retry_max_attempts: 3,
+            retry_non_idempotent: false,
+        });
+        crate::retry::retry_response(p, status, grpc_status, true)
+    }
+
     /// Removes hop-by-hop headers as the connection manager does.
     pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         crate::http::strip_hop_by_hop(h, false);
@@ -119,39 +146,37 @@ pub mod testing {
     pub struct Picker(ClusterRt);
 
     impl Picker {
-        /// Round robin (or random) over hosts 10.0.0.1.. with the given weights.
-        pub fn new(weights: &[u32], random: bool) -> Picker {
-            let endpoints = weights
+        /// `policy` (`round_robin`, `random`, `least_request`, `ring_hash`, `maglev`) over hosts
+        /// 10.x.y.z:80 with the given weights.
+        pub fn new(weights: &[u32], policy: &str) -> Picker {
+            let eps: Vec<String> = weights
                 .iter()
                 .enumerate()
-                .map(|(i, w)| tessera_model::Endpoint {
-                    host: format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
-                    port: 80,
-                    weight: *w,
+                .map(|(i, w)| {
+                    format!(
+                        "{{ address: \"10.{}.{}.{}:80\", weight: {w} }}",
+                        (i >> 16) & 255,
+                        (i >> 8) & 255,
+                        i & 255
+                    )
                 })
                 .collect();
-            let cfg = tessera_model::Cluster {
-                name: "bench".into(),
-                discovery: tessera_model::DiscoveryType::Static,
-                connect_timeout: std::time::Duration::from_secs(1),
-                lb_policy: if random {
-                    tessera_model::LbPolicy::Random
-                } else {
-                    tessera_model::LbPolicy::RoundRobin
-                },
-                protocol: tessera_model::UpstreamProtocol::Http1,
-                dns_refresh_rate: std::time::Duration::from_secs(5),
-                idle_timeout: std::time::Duration::from_secs(60),
-                http2_max_concurrent_streams: 100,
-                max_requests_per_connection: 0,
-                endpoints,
-            };
-            Picker(ClusterRt::new(cfg, &Stats::default(), None))
+            let yaml = format!(
+                "clusters: [{{ name: bench, lb_policy: {policy}, endpoints: [{}] }}]",
+                eps.join(", ")
+            );
+            let cfg = tessera_model::Config::from_yaml(&yaml, "picker").unwrap_or_else(|e| panic!("{e}"));
+            Picker(ClusterRt::new(cfg.clusters[0].clone(), &Stats::default(), None, None))
         }
 
-        /// One pick.
-        pub fn pick(&self) -> Option<SocketAddr> {
-            self.0.pick().map(|h| h.addr)
+        /// One pick, with an optional consistent-hash key.
+        pub fn pick(&self, hash: Option<u64>) -> Option<SocketAddr> {
+            self.0
+                .pick(&crate::cluster::PickContext {
+                    hash,
+                    ..Default::default()
+                })
+                .map(|h| h.addr)
         }
     }
 }

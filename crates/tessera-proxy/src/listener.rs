@@ -331,7 +331,7 @@ mod tests {
     fn chain(name: &str, m: FilterChainMatch) -> ChainRt {
         let stats = Stats::default();
         let cfg = tessera_model::Config::from_yaml("clusters: [{name: c, endpoints: [127.0.0.1:1]}]", "t").unwrap();
-        let cluster = Arc::new(ClusterRt::new(cfg.clusters[0].clone(), &stats, None));
+        let cluster = Arc::new(ClusterRt::new(cfg.clusters[0].clone(), &stats, None, None));
         let t = TcpProxy {
             stat_prefix: name.into(),
             cluster: "c".into(),

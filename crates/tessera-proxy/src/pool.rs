@@ -3,7 +3,7 @@
 //! connections carry many streams, up to the cluster's `http2_max_concurrent_streams`.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -12,6 +12,7 @@ use std::time::Duration;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::body::ReqBody;
@@ -43,6 +44,10 @@ struct Pools {
     h2: HashMap<u64, Vec<H2Conn>>,
     /// HTTP/2 connections being made, so concurrent requests wait for one instead of each dialling.
     h2_connecting: HashMap<u64, Arc<Connecting>>,
+    /// Live HTTP/1 connections per host on this worker (busy or idle).
+    h1_live: HashMap<u64, u32>,
+    /// Requests waiting for an HTTP/1 connection to come back (the cluster is at max_connections).
+    h1_waiters: HashMap<u64, VecDeque<oneshot::Sender<(H1Sender, u32)>>>,
     last_sweep: Option<Instant>,
 }
 
@@ -184,6 +189,16 @@ fn put_h1(host: u64, sender: H1Sender, uses: u32, idle_timeout: Duration) {
     let _ = POOLS.try_with(|p| {
         let mut p = p.borrow_mut();
         let now = Instant::now();
+        // A waiting request gets the connection first.
+        let mut sender = sender;
+        if let Some(q) = p.h1_waiters.get_mut(&host) {
+            while let Some(w) = q.pop_front() {
+                match w.send((sender, uses)) {
+                    Ok(()) => return,
+                    Err((back, _)) => sender = back,
+                }
+            }
+        }
         let list = p.h1.entry(host).or_default();
         if list.len() < MAX_IDLE_PER_HOST {
             list.push(IdleH1 {
@@ -193,6 +208,10 @@ fn put_h1(host: u64, sender: H1Sender, uses: u32, idle_timeout: Duration) {
             });
         }
         if p.last_sweep.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
+            p.h1_waiters.retain(|_, q| {
+                q.retain(|w| !w.is_closed());
+                !q.is_empty()
+            });
             p.last_sweep = Some(now);
             sweep(&mut p, now, idle_timeout);
         }
@@ -207,6 +226,31 @@ fn sweep(p: &mut Pools, now: Instant, idle_timeout: Duration) {
     p.h2.retain(|_, list| {
         list.retain(|c| !c.sender.is_closed());
         !list.is_empty()
+    });
+}
+
+/// HTTP/1 connections to `host` this worker holds, busy or idle.
+pub(crate) fn h1_live(host: u64) -> u32 {
+    POOLS
+        .try_with(|p| p.borrow().h1_live.get(&host).copied().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// Queues for the next HTTP/1 connection to `host` released on this worker.
+pub(crate) fn wait_h1(host: u64) -> oneshot::Receiver<(H1Sender, u32)> {
+    let (tx, rx) = oneshot::channel();
+    let _ = POOLS.try_with(|p| p.borrow_mut().h1_waiters.entry(host).or_default().push_back(tx));
+    rx
+}
+
+fn h1_live_add(host: u64, delta: i32) {
+    let _ = POOLS.try_with(|p| {
+        let mut p = p.borrow_mut();
+        let n = p.h1_live.entry(host).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            p.h1_live.remove(&host);
+        }
     });
 }
 
@@ -298,11 +342,15 @@ async fn connect_inner(cluster: &ClusterRt, host: &Arc<Host>, h2: bool) -> Resul
             .handshake::<_, ReqBody>(TokioIo::new(stream))
             .await
             .map_err(ConnectError::Handshake)?;
+        let id = host.id;
+        h1_live_add(id, 1);
         tokio::spawn(async move {
             let _guard = guard;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream HTTP/1 connection ended with an error");
             }
+            // The connection task runs on the worker that made it, so this is that worker's pool.
+            h1_live_add(id, -1);
         });
         Ok(Conn::H1 { sender, uses: 0 })
     }

@@ -3,7 +3,7 @@
 //! Matching is a pure function of a [`RequestView`]; nothing here does I/O.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use http::{Method, StatusCode};
 use tessera_model::{self as model, AppendAction, ClusterSpecifier, HeaderMatchSpec, PathMatch, RouteAction};
 
 use crate::cluster::ClusterRt;
+use crate::ratelimit::RateLimiter;
 use crate::util::rand_below;
 
 /// What matching needs to know of a request.
@@ -95,19 +96,32 @@ pub(crate) fn mutate(headers: &mut HeaderMap, remove: &[HeaderName], add: &[(Hea
     }
 }
 
+/// A cluster, and the subset of its endpoints a route asked for.
+pub(crate) struct Dest {
+    pub(crate) cluster: Arc<ClusterRt>,
+    /// Index of a registered label set (see `ClusterRt::register_subset`).
+    pub(crate) subset: Option<usize>,
+}
+
+impl Dest {
+    fn new(cluster: Arc<ClusterRt>, route: &BTreeMap<String, String>, entry: &BTreeMap<String, String>) -> Dest {
+        let mut labels = route.clone();
+        labels.extend(entry.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let subset = (!labels.is_empty()).then(|| cluster.register_subset(&labels));
+        Dest { cluster, subset }
+    }
+}
+
 /// Where a forwarding route sends requests.
 pub(crate) enum Target {
-    One(Arc<ClusterRt>),
-    Weighted {
-        clusters: Vec<(Arc<ClusterRt>, u64)>,
-        total: u64,
-    },
+    One(Dest),
+    Weighted { clusters: Vec<(Dest, u64)>, total: u64 },
 }
 
 impl Target {
-    /// The cluster for one request.
+    /// The destination for one request.
     #[inline]
-    pub(crate) fn pick(&self) -> &Arc<ClusterRt> {
+    pub(crate) fn pick(&self) -> &Dest {
         match self {
             Target::One(c) => c,
             Target::Weighted { clusters, total } => {
@@ -131,10 +145,19 @@ pub(crate) struct Forward {
     pub(crate) regex_rewrite: Option<model::RegexRewrite>,
     pub(crate) host_rewrite: Option<HeaderValue>,
     pub(crate) auto_host_rewrite: bool,
+    pub(crate) retry: Option<model::RetryPolicy>,
+    pub(crate) hash_policy: Vec<model::HashPolicy>,
+    /// Shadow destinations and the share of requests each gets.
+    pub(crate) mirrors: Vec<(Dest, f64)>,
+    pub(crate) max_stream_duration: Option<Duration>,
+    pub(crate) grpc_timeout_header: bool,
+    pub(crate) grpc_timeout_max: Option<Duration>,
+    pub(crate) priority: model::RoutingPriority,
+    pub(crate) buffer_limit: u64,
 }
 
 pub(crate) enum Action {
-    Forward(Forward),
+    Forward(Box<Forward>),
     Redirect(model::Redirect),
     Direct { status: StatusCode, body: Bytes },
 }
@@ -144,6 +167,8 @@ pub(crate) struct Route {
     pub(crate) matcher: model::RouteMatch,
     pub(crate) action: Action,
     pub(crate) mutations: Mutations,
+    pub(crate) fault: Option<model::FaultInjection>,
+    pub(crate) rate_limit: Option<Arc<RateLimiter>>,
 }
 
 pub(crate) struct VirtualHost {
@@ -205,14 +230,21 @@ impl RouteTable {
             let mut routes = Vec::with_capacity(vh.routes.len());
             for r in &vh.routes {
                 let action = match &r.action {
-                    RouteAction::Route(f) => Action::Forward(Forward {
+                    RouteAction::Route(f) => Action::Forward(Box::new(Forward {
                         target: match &f.cluster {
-                            ClusterSpecifier::Cluster(c) => Target::One(cluster(c)?),
+                            ClusterSpecifier::Cluster(c) => {
+                                Target::One(Dest::new(cluster(c)?, &f.metadata_match, &BTreeMap::new()))
+                            }
                             ClusterSpecifier::WeightedClusters(ws) => {
                                 let clusters = ws
                                     .iter()
                                     .filter(|w| w.weight > 0)
-                                    .map(|w| Ok((cluster(&w.name)?, u64::from(w.weight))))
+                                    .map(|w| {
+                                        Ok((
+                                            Dest::new(cluster(&w.name)?, &f.metadata_match, &w.metadata_match),
+                                            u64::from(w.weight),
+                                        ))
+                                    })
                                     .collect::<Result<Vec<_>, String>>()?;
                                 let total = clusters.iter().map(|(_, w)| *w).sum();
                                 Target::Weighted { clusters, total }
@@ -229,7 +261,24 @@ impl RouteTable {
                             })
                             .transpose()?,
                         auto_host_rewrite: f.auto_host_rewrite,
-                    }),
+                        retry: f.retry_policy.clone(),
+                        hash_policy: f.hash_policy.clone(),
+                        mirrors: f
+                            .request_mirror_policies
+                            .iter()
+                            .map(|m| {
+                                Ok((
+                                    Dest::new(cluster(&m.cluster)?, &BTreeMap::new(), &BTreeMap::new()),
+                                    m.percentage,
+                                ))
+                            })
+                            .collect::<Result<Vec<_>, String>>()?,
+                        max_stream_duration: (!f.max_stream_duration.is_zero()).then_some(f.max_stream_duration),
+                        grpc_timeout_header: f.grpc_timeout_header,
+                        grpc_timeout_max: (!f.grpc_timeout_header_max.is_zero()).then_some(f.grpc_timeout_header_max),
+                        priority: f.priority,
+                        buffer_limit: u64::from(f.per_request_buffer_limit_bytes),
+                    })),
                     RouteAction::Redirect(r) => Action::Redirect(r.clone()),
                     RouteAction::DirectResponse(d) => Action::Direct {
                         status: StatusCode::from_u16(d.status).map_err(|_| format!("invalid status {}", d.status))?,
@@ -239,6 +288,8 @@ impl RouteTable {
                 routes.push(Route {
                     name: r.name.as_deref().map(Arc::from),
                     matcher: r.matcher.clone(),
+                    fault: r.fault.clone(),
+                    rate_limit: r.local_rate_limit.clone().map(|c| Arc::new(RateLimiter::new(c))),
                     action,
                     mutations: Mutations::compile(
                         &r.request_headers_to_add,
@@ -390,7 +441,7 @@ fn header_value<'a>(name: &str, req: &'a RequestView<'_>) -> Option<Cow<'a, str>
     }
 }
 
-fn header_matches(h: &model::HeaderMatcher, req: &RequestView<'_>) -> bool {
+pub(crate) fn header_matches(h: &model::HeaderMatcher, req: &RequestView<'_>) -> bool {
     let Some(value) = header_value(&h.name, req) else {
         // Envoy: on an absent header only a presence test can match, inverted or not.
         return match h.spec {

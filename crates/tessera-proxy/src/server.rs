@@ -13,7 +13,7 @@ use tokio::sync::{Mutex, Notify};
 use tokio::task::JoinHandle;
 
 use crate::access_log::LogSink;
-use crate::cluster::{ClusterRt, spawn_dns_refresh};
+use crate::cluster::{ClusterRt, spawn_control};
 use crate::http::HttpChainRt;
 use crate::listener::{self, ChainFilter, ChainRt, ListenerCfg, ListenerRt};
 use crate::router::RouteTable;
@@ -192,6 +192,8 @@ impl Drop for ActiveConn {
 }
 
 struct Control {
+    /// The node the clusters were built for (a locality change rebuilds them).
+    node: tessera_model::Node,
     workers: Vec<Worker>,
     listeners: HashMap<String, Arc<ListenerRt>>,
     clusters: HashMap<String, Arc<ClusterRt>>,
@@ -266,6 +268,7 @@ impl Server {
         let server = Server {
             shared: shared.clone(),
             control: Mutex::new(Control {
+                node: tessera_model::Node::default(),
                 workers,
                 listeners: HashMap::new(),
                 clusters: HashMap::new(),
@@ -307,20 +310,36 @@ impl Server {
         let mut ctl = self.control.lock().await;
 
         // Phase 1: build everything and bind new sockets; nothing visible changes yet.
+        let node = cfg.node.locality.as_ref();
         let mut clusters: HashMap<String, Arc<ClusterRt>> = HashMap::new();
+        let mut checking = Vec::new();
         for c in &cfg.clusters {
             let rt = match ctl.clusters.get(&c.name) {
-                Some(old) if old.cfg == *c => old.clone(),
+                Some(old) if old.cfg == *c && ctl.node == cfg.node => old.clone(),
                 old => {
-                    let rt = Arc::new(ClusterRt::new(c.clone(), stats, old.map(|o| o.as_ref())));
+                    let rt = Arc::new(ClusterRt::new(c.clone(), stats, old.map(|o| o.as_ref()), node));
                     if c.discovery == DiscoveryType::StrictDns {
                         rt.resolve().await;
-                        spawn_dns_refresh(&rt);
+                    }
+                    spawn_control(&rt);
+                    if !c.health_checks.is_empty() {
+                        checking.push(rt.clone());
                     }
                     rt
                 }
             };
             clusters.insert(c.name.clone(), rt);
+        }
+        // Like Envoy's cluster warming: give new health-checked clusters their first round (bounded
+        // by the checks' timeouts) before traffic reaches them.
+        for c in checking {
+            let limit =
+                c.cfg.health_checks.iter().map(|h| h.timeout).max().unwrap_or_default() + Duration::from_millis(200);
+            let deadline = tokio::time::Instant::now() + limit;
+            let rounds = c.cfg.health_checks.len() as u64;
+            while c.hc_rounds.load(Ordering::Acquire) < rounds && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         let our_addrs: Vec<SocketAddr> = ctl.listeners.values().map(|l| l.bound).collect();
         let mut route_cells = HashMap::new();
@@ -427,6 +446,7 @@ impl Server {
         ctl.listeners = listeners;
         ctl.clusters = clusters;
         ctl.route_cells = route_cells;
+        ctl.node = cfg.node.clone();
         shared.listeners.store(Arc::new(lview));
         shared.clusters.store(Arc::new(cview));
         shared.config.store(Arc::new(cfg));

@@ -79,7 +79,7 @@ pub(crate) async fn proxy(
         l.upstream_cluster = Some(t.cluster.name().to_string());
     }
     let outcome = async {
-        let Some(host) = t.cluster.pick() else {
+        let Some(host) = t.cluster.pick(&crate::cluster::PickContext::default()) else {
             s.downstream_cx_no_route.inc();
             tracing::debug!(%remote, cluster = t.cluster.name(), "no healthy upstream; closing");
             return (ResponseFlags::NO_HEALTHY_UPSTREAM, 0, 0);

@@ -60,11 +60,11 @@ listeners:
     /// Over one full cycle, weighted round robin gives each host exactly its weight.
     #[test]
     fn round_robin_honours_weights(weights in prop::collection::vec(1u32..=16, 1..12)) {
-        let picker = Picker::new(&weights, false);
+        let picker = Picker::new(&weights, "round_robin");
         let total: u32 = weights.iter().sum();
         let mut counts = std::collections::HashMap::new();
         for _ in 0..total {
-            *counts.entry(picker.pick().unwrap()).or_insert(0u32) += 1;
+            *counts.entry(picker.pick(None).unwrap()).or_insert(0u32) += 1;
         }
         let mut got: Vec<u32> = counts.values().copied().collect();
         let mut want = weights.clone();

@@ -135,36 +135,46 @@ fn h2load_h2c_and_http1_through_the_sidecar() {
 fn python() -> std::path::PathBuf {
     let py = tool("python3", "apt-get install -y python3");
     let ok = Command::new(&py)
-        .args(["-c", "import grpc"])
+        .args(["-c", "import grpc, grpc_health.v1.health"])
         .status()
         .unwrap()
         .success();
-    assert!(ok, "python3 has no grpcio; run .ci/run, or: pip install grpcio");
+    assert!(
+        ok,
+        "python3 lacks grpcio or grpcio-health-checking; run .ci/run, or: pip install grpcio grpcio-health-checking"
+    );
     py
+}
+
+/// Starts the grpcio peer server; returns it (stdin open for `up`/`down`) and its port.
+fn grpc_server(py: &std::path::Path) -> (Proc, u16) {
+    let peer = repo().join("crates/tessera/tests/peers/grpc_peer.py");
+    let mut server = Proc::spawn(Command::new(py).arg(&peer).arg("serve").stdin(Stdio::piped()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(line) = server.log().lines().next() {
+            match line.trim().parse::<u16>() {
+                Ok(p) => return (server, p),
+                Err(_) => panic!("grpc peer said: {}", server.log()),
+            }
+        }
+        if let Some(st) = server.child.try_wait().unwrap() {
+            panic!("grpc peer exited {st}: {}", server.log());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "grpc peer did not start: {}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
 fn grpcio_client_and_server_through_the_sidecar() {
     let py = python();
     let peer = repo().join("crates/tessera/tests/peers/grpc_peer.py");
-    let mut server = Proc::spawn(Command::new(&py).arg(&peer).arg("serve").stdin(Stdio::null()));
-    // The server prints its port first.
-    let port = {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(line) = server.log().lines().next() {
-                if let Ok(p) = line.trim().parse::<u16>() {
-                    break p;
-                }
-                panic!("grpc peer said: {}", server.log());
-            }
-            if let Some(s) = server.child.try_wait().unwrap() {
-                panic!("grpc peer exited {s}: {}", server.log());
-            }
-            assert!(std::time::Instant::now() < deadline, "grpc peer did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let (server, port) = grpc_server(&py);
     let dir = TempDir::new("grpc");
     let (listen, admin) = (free_port(), free_port());
     let f = dir.write(
@@ -242,4 +252,47 @@ fn grpc_client_gets_unavailable_when_the_backend_is_down() {
         "{s}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn grpc_health_checks_against_grpcio_health_service() {
+    use std::io::Write;
+    let py = python();
+    let (mut server, port) = grpc_server(&py);
+    let dir = TempDir::new("grpchc");
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = sidecar_config(listen, admin, format!("127.0.0.1:{port}").parse().unwrap(), "http2").replace(
+        "  protocol: http2\n",
+        "  protocol: http2\n  health_checks:\n  - { interval: 100ms, timeout: 1s, unhealthy_threshold: 1, healthy_threshold: 1, grpc_health_check: { service_name: tessera.test.Echo } }\n",
+    );
+    let f = dir.write("s.yaml", &cfg);
+    let _p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
+    wait_status(
+        &format!("http://127.0.0.1:{admin}/ready"),
+        "200",
+        Duration::from_secs(10),
+    );
+    let flag = format!("app::127.0.0.1:{port}::health_flags::");
+    let wait_flag = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = curl_ok(&[&format!("http://127.0.0.1:{admin}/clusters")]);
+            if c.contains(&format!("{flag}{want}")) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "never {want}:\n{c}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_flag("healthy");
+    let stdin = server.child.stdin.as_mut().unwrap();
+    writeln!(stdin, "down").unwrap();
+    stdin.flush().unwrap();
+    wait_flag("/failed_active_hc");
+    let stdin = server.child.stdin.as_mut().unwrap();
+    writeln!(stdin, "up").unwrap();
+    stdin.flush().unwrap();
+    wait_flag("healthy");
+    let stats = curl_ok(&[&format!("http://127.0.0.1:{admin}/stats?filter=health_check")]);
+    assert!(stats.contains("cluster.app.health_check.failure: "), "{stats}");
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::traffic::*;
 
 fn load(src: &str) -> Result<Config, Vec<ConfigError>> {
     Config::from_yaml(src, "test.yaml").map_err(|e| e.errors().to_vec())
@@ -322,4 +323,187 @@ fn the_shipped_examples_load() {
         }
     }
     assert!(n >= 2, "expected the example configs, found {n}");
+}
+
+const TRAFFIC: &str = r#"
+node: { id: sidecar-1, cluster: web, locality: { region: eu, zone: eu-1a } }
+listeners:
+- name: l
+  address: 127.0.0.1:0
+  filter_chains:
+  - http:
+      local_rate_limit: { token_bucket: { max_tokens: 100, tokens_per_fill: 10, fill_interval: 1s } }
+      route_config:
+        virtual_hosts:
+        - name: v
+          domains: ["*"]
+          routes:
+          - match: { prefix: /api }
+            route:
+              cluster: api
+              metadata_match: { version: v2 }
+              priority: HIGH
+              retry_policy:
+                retry_on: "5xx,reset,connect-failure,unavailable"
+                num_retries: 3
+                per_try_timeout: 500ms
+                retry_back_off: { base_interval: 10ms, max_interval: 1s }
+                retriable_status_codes: [409]
+              hash_policy:
+              - { header: { header_name: X-User }, terminal: true }
+              - { connection_properties: { source_ip: true } }
+              request_mirror_policies:
+              - { cluster: shadow, runtime_fraction: { default_value: { numerator: 25, denominator: HUNDRED } } }
+              max_stream_duration: { max_stream_duration: 30s, grpc_timeout_header_max: 10s }
+            fault:
+              delay: { fixed_delay: 2s, percentage: { value: 10 } }
+              abort: { grpc_status: UNAVAILABLE, percentage: 5 }
+              headers: [{ name: x-chaos, exact: "on" }]
+            local_rate_limit:
+              token_bucket: { max_tokens: 5, fill_interval: 100ms }
+              descriptor: { source_ip: true }
+          - match: { prefix: / }
+            route:
+              weighted_clusters:
+              - { name: api, weight: 80, metadata_match: { filter_metadata: { envoy.lb: { version: v1 } } } }
+              - { name: api, weight: 20, metadata_match: { version: v2 } }
+clusters:
+- name: api
+  lb_policy: least_request
+  least_request_lb_config: { choice_count: 3 }
+  slow_start: { window: 30s, aggression: 2 }
+  lb_subset_config: { fallback_policy: DEFAULT_SUBSET, default_subset: { version: v1 } }
+  health_checks:
+  - timeout: 1s
+    interval: 5s
+    interval_jitter: 1s
+    unhealthy_threshold: 2
+    healthy_threshold: 1
+    http_health_check: { path: /healthz, expected_statuses: [{ start: 200, end: 300 }] }
+  - { interval: 5s, tcp_health_check: { send: { text: "50494e47" }, receive: [{ string: PONG }] } }
+  - { interval: 5s, grpc_health_check: { service_name: api.v1 } }
+  outlier_detection: { consecutive_5xx: 3, interval: 1s, base_ejection_time: 10s, max_ejection_percent: 50 }
+  circuit_breakers:
+    thresholds:
+    - { max_connections: 10, max_pending_requests: 5, max_requests: 20, max_retries: 2 }
+    - { priority: HIGH, max_requests: 100, retry_budget: { budget_percent: 25, min_retry_concurrency: 5 } }
+  endpoints:
+  - { address: "10.0.0.1:80", labels: { version: v1 }, locality: { region: eu, zone: eu-1a } }
+  - { address: "10.0.0.2:80", weight: 2, priority: 1, labels: { version: v2 }, locality: { region: us, zone: us-1 } }
+- name: shadow
+  lb_policy: maglev
+  maglev_lb_config: { table_size: 65537 }
+  endpoints: ["10.0.1.1:80"]
+"#;
+
+#[test]
+fn traffic_management_config_loads() {
+    let cfg = load(TRAFFIC).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(cfg.node.locality.as_ref().unwrap().zone, "eu-1a");
+    let api = cfg.cluster("api").unwrap();
+    assert_eq!(
+        api.lb_policy,
+        LbPolicy::LeastRequest {
+            choice_count: 3,
+            active_request_bias: 1.0
+        }
+    );
+    assert_eq!(api.slow_start.as_ref().unwrap().aggression, 2.0);
+    assert_eq!(api.lb_subset_config.fallback_policy, SubsetFallback::DefaultSubset);
+    assert_eq!(api.health_checks.len(), 3);
+    assert!(
+        matches!(&api.health_checks[1].kind, HealthCheckKind::Tcp { send: Some(s), receive } if s == b"PING" && receive[0] == b"PONG")
+    );
+    assert!(
+        matches!(&api.health_checks[2].kind, HealthCheckKind::Grpc { service_name, .. } if service_name == "api.v1")
+    );
+    assert_eq!(api.outlier_detection.as_ref().unwrap().consecutive_5xx, 3);
+    assert_eq!(
+        api.outlier_detection.as_ref().unwrap().consecutive_gateway_failure,
+        5,
+        "defaults fill the rest"
+    );
+    assert_eq!(api.circuit_breakers.default.max_pending_requests, 5);
+    assert_eq!(
+        api.circuit_breakers.high.retry_budget.as_ref().unwrap().budget_percent,
+        25.0
+    );
+    assert_eq!(api.endpoints[1].priority, 1);
+    assert_eq!(api.endpoints[1].labels["version"], "v2");
+    assert_eq!(
+        cfg.cluster("shadow").unwrap().lb_policy,
+        LbPolicy::Maglev { table_size: 65537 }
+    );
+
+    let NetworkFilter::Http(h) = &cfg.listeners[0].filter_chains[0].filter else {
+        panic!()
+    };
+    assert_eq!(h.local_rate_limit.as_ref().unwrap().max_tokens, 100);
+    let r = &h.route_config.virtual_hosts[0].routes[0];
+    let RouteAction::Route(f) = &r.action else { panic!() };
+    assert_eq!(f.metadata_match["version"], "v2");
+    assert_eq!(f.priority, RoutingPriority::High);
+    let rp = f.retry_policy.as_ref().unwrap();
+    assert!(rp.retry_on.has(RetryOn::GRPC_UNAVAILABLE) && rp.retry_on.has(RetryOn::RESET));
+    assert_eq!(
+        (rp.num_retries, rp.per_try_timeout, rp.max_interval),
+        (3, Duration::from_millis(500), Duration::from_secs(1))
+    );
+    assert_eq!(
+        f.hash_policy[0],
+        HashPolicy {
+            kind: HashPolicyKind::Header("x-user".into()),
+            terminal: true
+        }
+    );
+    assert_eq!(f.request_mirror_policies[0].percentage, 25.0);
+    assert_eq!(f.grpc_timeout_header_max, Duration::from_secs(10));
+    let fault = r.fault.as_ref().unwrap();
+    assert_eq!(fault.delay.as_ref().unwrap().percentage, 10.0);
+    assert_eq!(fault.abort.as_ref().unwrap().status, AbortStatus::Grpc(14));
+    assert_eq!(
+        r.local_rate_limit.as_ref().unwrap().descriptor,
+        Some(RateLimitKey::SourceIp)
+    );
+    let RouteAction::Route(w) = &h.route_config.virtual_hosts[0].routes[1].action else {
+        panic!()
+    };
+    let ClusterSpecifier::WeightedClusters(ws) = &w.cluster else {
+        panic!()
+    };
+    assert_eq!(ws[0].metadata_match["version"], "v1", "Envoy's filter_metadata shape");
+    let json = serde_json::to_value(&cfg).unwrap();
+    assert_eq!(
+        json["listeners"][0]["filter_chains"][0]["filter"]["http"]["route_config"]["virtual_hosts"][0]["routes"][0]["action"]
+            ["route"]["retry_policy"]["retry_on"],
+        "5xx,reset,connect-failure,unavailable"
+    );
+}
+
+#[test]
+fn traffic_management_errors_are_precise() {
+    let bad = TRAFFIC
+        .replace("5xx,reset,connect-failure,unavailable", "5xx,sometimes")
+        .replace("table_size: 65537", "table_size: 65536")
+        .replace("percentage: 5 }", "percentage: 500 }")
+        .replace(
+            "least_request_lb_config: { choice_count: 3 }",
+            "ring_hash_lb_config: {}",
+        )
+        .replace(
+            "{ interval: 5s, grpc_health_check: { service_name: api.v1 } }",
+            "{ interval: 5s }",
+        )
+        .replace("{ cluster: shadow, runtime", "{ cluster: nowhere, runtime");
+    let joined = errors(&bad).join("\n");
+    for needle in [
+        "retry_policy.retry_on: unknown retry condition `sometimes`",
+        "maglev_lb_config.table_size: table_size must be a prime; 65536 is not",
+        "abort.percentage: expected a number from 0 to 100, found 500",
+        "ring_hash_lb_config: this block configures lb_policy ring_hash, but the cluster uses another policy",
+        "health_checks[2]: a health check has exactly one of",
+        "request_mirror_policies[0].cluster: unknown cluster `nowhere`",
+    ] {
+        assert!(joined.contains(needle), "missing {needle:?} in:\n{joined}");
+    }
 }

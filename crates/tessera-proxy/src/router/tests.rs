@@ -206,7 +206,7 @@ fn weighted_clusters_split_by_weight() {
     };
     let mut a = 0;
     for _ in 0..10_000 {
-        if f.target.pick().name() == "a" {
+        if f.target.pick().cluster.name() == "a" {
             a += 1;
         }
     }

@@ -43,6 +43,8 @@ pub struct Backend {
     /// TCP connections accepted so far.
     pub connections: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// The listener task and every connection task, for `kill`.
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Backend {
@@ -54,6 +56,12 @@ impl Backend {
     }
     pub fn last(&self) -> Seen {
         self.seen().last().cloned().expect("the backend saw no request")
+    }
+    /// Dies like a crashed process: the listener closes and every connection is dropped.
+    pub fn kill(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
     }
 }
 
@@ -73,16 +81,17 @@ pub async fn backend_with(h: Handler) -> Backend {
         addr,
         connections: Arc::default(),
         seen: Arc::default(),
+        tasks: Arc::default(),
     };
-    let (conns, seen) = (b.connections.clone(), b.seen.clone());
-    tokio::spawn(async move {
+    let (conns, seen, tasks) = (b.connections.clone(), b.seen.clone(), b.tasks.clone());
+    let accept = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             conns.fetch_add(1, Ordering::SeqCst);
             let (h, seen) = (h.clone(), seen.clone());
-            tokio::spawn(async move {
+            let conn = tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     seen.lock().unwrap().push(Seen {
                         method: req.method().clone(),
@@ -97,8 +106,10 @@ pub async fn backend_with(h: Handler) -> Backend {
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });
+            tasks.lock().unwrap().push(conn.abort_handle());
         }
     });
+    b.tasks.lock().unwrap().push(accept.abort_handle());
     b
 }
 

@@ -3,7 +3,9 @@
   grpc_peer.py serve          start a server on 127.0.0.1:<free port>, print the port, serve
   grpc_peer.py call TARGET    call every method through TARGET, print the results as JSON
 
-Messages are raw bytes (no generated code), so only `grpcio` is needed.
+The server also runs grpcio's own grpc.health.v1 service (package grpcio-health-checking) and
+reads commands on stdin: `down` sets tessera.test.Echo to NOT_SERVING, `up` to SERVING.
+Messages are raw bytes (no generated code).
 """
 import json
 import sys
@@ -52,11 +54,23 @@ def serve():
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
         "Metadata": grpc.unary_unary_rpc_method_handler(metadata),
     }
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    checker = health.HealthServicer()
+    checker.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "down":
+            checker.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        elif cmd == "up":
+            checker.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        print("ok " + cmd, flush=True)
     server.wait_for_termination()
 
 
