@@ -180,7 +180,99 @@ pub(crate) fn success_rate_outliers(rates: &[(usize, f64)], minimum_hosts: usize
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::cluster::PickContext;
+    use crate::stats::Stats;
+
+    fn cluster(od: &str) -> ClusterRt {
+        let yaml = format!(
+            "clusters: [{{ name: c, outlier_detection: {{ {od} }}, endpoints: [10.0.0.1:80, 10.0.0.2:80, 10.0.0.3:80] }}]"
+        );
+        let cfg = tessera_model::Config::from_yaml(&yaml, "t").unwrap_or_else(|e| panic!("{e}"));
+        ClusterRt::new(cfg.clusters[0].clone(), &Stats::default(), None, None)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_time_grows_with_each_ejection_and_decays() {
+        let c =
+            cluster("consecutive_5xx: 2, base_ejection_time: 30s, max_ejection_time: 300s, max_ejection_percent: 100");
+        let h = c.hosts()[0].clone();
+        record(&c, &h, Outcome::Upstream5xx(500));
+        assert!(h.available(), "one 5xx is not enough");
+        record(&c, &h, Outcome::Upstream5xx(500));
+        assert!(!h.available(), "ejected on the second");
+        tokio::time::advance(Duration::from_secs(29)).await;
+        sweep(&c);
+        assert!(!h.available(), "still out at 29s");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        sweep(&c);
+        assert!(h.available(), "back after 30s");
+        // Ejected again: twice the time.
+        record(&c, &h, Outcome::Upstream5xx(503));
+        record(&c, &h, Outcome::Upstream5xx(503));
+        assert!(!h.available());
+        tokio::time::advance(Duration::from_secs(59)).await;
+        sweep(&c);
+        assert!(!h.available(), "the second ejection lasts 60s");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        sweep(&c);
+        assert!(h.available());
+        assert_eq!(h.outlier.ejections.load(Ordering::Relaxed), 2);
+        sweep(&c);
+        assert_eq!(
+            h.outlier.ejections.load(Ordering::Relaxed),
+            1,
+            "good behaviour decays the multiplier"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn success_is_reset_and_the_ejection_cap_holds() {
+        let c = cluster("consecutive_5xx: 2, max_ejection_percent: 10");
+        let hosts = c.hosts();
+        record(&c, &hosts[0], Outcome::Upstream5xx(500));
+        record(&c, &hosts[0], Outcome::Success);
+        record(&c, &hosts[0], Outcome::Upstream5xx(500));
+        assert!(hosts[0].available(), "a success in between resets the count");
+        for h in &hosts {
+            record(&c, h, Outcome::Upstream5xx(500));
+            record(&c, h, Outcome::Upstream5xx(500));
+        }
+        // 10% of three hosts is zero, but one host may always be ejected.
+        assert_eq!(hosts.iter().filter(|h| !h.available()).count(), 1);
+        assert_eq!(c.stats.outlier_ejections_overflow.get(), 2);
+        assert!(
+            c.pick(&PickContext {
+                max_attempts: 3,
+                ..Default::default()
+            })
+            .is_some_and(|h| h.available())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn local_origin_failures_count_apart_when_split() {
+        let c = cluster(
+            "consecutive_5xx: 2, consecutive_local_origin_failure: 3, split_external_local_origin_errors: true, max_ejection_percent: 100",
+        );
+        let h = c.hosts()[0].clone();
+        record(&c, &h, Outcome::LocalFailure);
+        record(&c, &h, Outcome::LocalFailure);
+        assert!(h.available(), "split: connect failures are not 5xx");
+        record(&c, &h, Outcome::LocalFailure);
+        assert!(!h.available());
+        assert_eq!(
+            c.stats.outlier_ejections_enforced[Detector::ConsecutiveLocalOrigin as usize].get(),
+            1
+        );
+        let unsplit = cluster("consecutive_5xx: 2, max_ejection_percent: 100");
+        let h = unsplit.hosts()[0].clone();
+        record(&unsplit, &h, Outcome::LocalFailure);
+        record(&unsplit, &h, Outcome::LocalFailure);
+        assert!(!h.available(), "not split: a connect failure counts as a 503");
+    }
 
     #[test]
     fn success_rate_outliers_follow_envoys_formula() {

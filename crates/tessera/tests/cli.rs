@@ -96,24 +96,15 @@ fn direct_config(listen: u16, admin: u16, body: &str) -> String {
 #[test]
 fn sidecar_reloads_on_file_change_and_keeps_the_old_config_on_errors() {
     let dir = TempDir::new("reload");
-    let (port, admin) = (free_port(), free_port());
-    let f = dir.write("s.yaml", &direct_config(port, admin, "v1"));
-    let p = Proc::tessera(&[
-        "sidecar",
-        "--config",
-        f.to_str().unwrap(),
-        "--concurrency",
-        "2",
-        "--watch-interval",
-        "100ms",
-    ]);
-    let url = format!("http://127.0.0.1:{port}/");
+    let f = dir.write("s.yaml", &direct_config(0, 0, "v1"));
+    let (p, listen, _admin) = start_sidecar(&f, &["--concurrency", "2", "--watch-interval", "100ms"]);
+    let url = format!("http://{listen}/");
     wait_status(&url, "200", Duration::from_secs(10));
     assert_eq!(curl_ok(&[&url]), "v1");
 
-    std::fs::write(&f, direct_config(port, admin, "v2")).unwrap();
+    std::fs::write(&f, direct_config(0, 0, "v2")).unwrap();
     p.wait_log("configuration reloaded", Duration::from_secs(5));
-    assert_eq!(curl_ok(&[&url]), "v2");
+    assert_eq!(curl_ok(&[&url]), "v2", "the listener kept its port across the reload");
 
     std::fs::write(&f, "listeners:\n- name: http\n  adress: nowhere\n").unwrap();
     p.wait_log("configuration rejected", Duration::from_secs(5));
@@ -129,12 +120,11 @@ fn sidecar_reloads_on_file_change_and_keeps_the_old_config_on_errors() {
 #[test]
 fn sidecar_reloads_on_sighup() {
     let dir = TempDir::new("hup");
-    let (port, admin) = (free_port(), free_port());
-    let f = dir.write("s.yaml", &direct_config(port, admin, "before"));
-    let p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap(), "--watch-interval", "0s"]);
-    let url = format!("http://127.0.0.1:{port}/");
+    let f = dir.write("s.yaml", &direct_config(0, 0, "before"));
+    let (p, listen, _admin) = start_sidecar(&f, &["--watch-interval", "0s"]);
+    let url = format!("http://{listen}/");
     wait_status(&url, "200", Duration::from_secs(10));
-    std::fs::write(&f, direct_config(port, admin, "after")).unwrap();
+    std::fs::write(&f, direct_config(0, 0, "after")).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         curl_ok(&[&url]),
@@ -150,15 +140,10 @@ fn sidecar_reloads_on_sighup() {
 fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let (_svc, svc_addr) = sample_service("slow");
     let dir = TempDir::new("term");
-    let (port, admin) = (free_port(), free_port());
-    let f = dir.write("s.yaml", &sidecar_config(port, admin, svc_addr, "http1"));
-    let mut p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
-    wait_status(
-        &format!("http://127.0.0.1:{admin}/ready"),
-        "200",
-        Duration::from_secs(10),
-    );
-    let url = format!("http://127.0.0.1:{port}/delay/1000");
+    let f = dir.write("s.yaml", &sidecar_config(0, 0, svc_addr, "http1"));
+    let (mut p, listen, admin) = start_sidecar(&f, &[]);
+    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
+    let url = format!("http://{listen}/delay/1000");
     let inflight = std::thread::spawn(move || curl(&["-w", " %{http_code}", &url]));
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
@@ -181,16 +166,11 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
 #[test]
 fn quitquitquit_exits_cleanly() {
     let dir = TempDir::new("quit");
-    let (port, admin) = (free_port(), free_port());
-    let f = dir.write("s.yaml", &direct_config(port, admin, "x"));
-    let mut p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
-    wait_status(
-        &format!("http://127.0.0.1:{admin}/ready"),
-        "200",
-        Duration::from_secs(10),
-    );
+    let f = dir.write("s.yaml", &direct_config(0, 0, "x"));
+    let (mut p, _listen, admin) = start_sidecar(&f, &[]);
+    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
     assert_eq!(
-        curl_ok(&["-X", "POST", &format!("http://127.0.0.1:{admin}/quitquitquit")]),
+        curl_ok(&["-X", "POST", &format!("http://{admin}/quitquitquit")]),
         "OK\n"
     );
     assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(0));
@@ -242,17 +222,18 @@ fn quickstart_mesh_answers_curl() {
 fn tcp_example_proxies_bytes() {
     let (_svc, svc_addr) = sample_service("tcp-backend");
     let dir = TempDir::new("tcpex");
-    let (listen, admin) = (free_port(), free_port());
     let cfg = std::fs::read_to_string(repo().join("examples/tcp-proxy.yaml"))
         .unwrap()
         .replace("127.0.0.1:18080", &svc_addr.to_string())
-        .replace("127.0.0.1:10001", &format!("127.0.0.1:{listen}"))
-        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"));
+        .replace("127.0.0.1:10001", "127.0.0.1:0")
+        .replace("127.0.0.1:9901", "127.0.0.1:0");
     let f = dir.write("tcp.yaml", &cfg);
-    let _p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
-    let url = format!("http://127.0.0.1:{listen}/tcp");
+    let p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
+    let admin = p.logged_addr("admin API ready", Duration::from_secs(20));
+    let listen = p.logged_addr("listener=tcp ", Duration::from_secs(20));
+    let url = format!("http://{listen}/tcp");
     wait_status(&url, "200", Duration::from_secs(10));
     assert_eq!(curl_ok(&[&url]), "hello from tcp-backend (/tcp)\n");
-    let stats = curl_ok(&[&format!("http://127.0.0.1:{admin}/stats?filter=%5Etcp")]);
+    let stats = curl_ok(&[&format!("http://{admin}/stats?filter=%5Etcp")]);
     assert!(stats.contains("tcp.tcp.downstream_cx_total: "), "{stats}");
 }

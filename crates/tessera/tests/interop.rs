@@ -9,19 +9,14 @@ use std::time::Duration;
 
 use common::*;
 
-/// A sidecar in front of the sample service; returns (sidecar, service, listen addr, admin port).
-fn sidecar_before_sample(protocol: &str) -> (Proc, Proc, SocketAddr, u16, TempDir) {
+/// A sidecar in front of the sample service; returns (sidecar, service, listen addr, admin addr).
+fn sidecar_before_sample(protocol: &str) -> (Proc, Proc, SocketAddr, SocketAddr, TempDir) {
     let (svc, svc_addr) = sample_service("svc");
     let dir = TempDir::new("interop");
-    let (port, admin) = (free_port(), free_port());
-    let f = dir.write("s.yaml", &sidecar_config(port, admin, svc_addr, protocol));
-    let p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap(), "--concurrency", "2"]);
-    wait_status(
-        &format!("http://127.0.0.1:{admin}/ready"),
-        "200",
-        Duration::from_secs(10),
-    );
-    (p, svc, format!("127.0.0.1:{port}").parse().unwrap(), admin, dir)
+    let f = dir.write("s.yaml", &sidecar_config(0, 0, svc_addr, protocol));
+    let (p, listen, admin) = start_sidecar(&f, &["--concurrency", "2"]);
+    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
+    (p, svc, listen, admin, dir)
 }
 
 #[test]
@@ -81,7 +76,7 @@ fn curl_over_http1_and_h2c() {
         curl_ok(&["-I", "-o", "/dev/null", "-w", "%{http_code}", &format!("{base}/hello")]),
         "200"
     );
-    let stats = curl_ok(&[&format!("http://127.0.0.1:{admin}/stats/prometheus")]);
+    let stats = curl_ok(&[&format!("http://{admin}/stats/prometheus")]);
     assert!(
         stats.contains("envoy_cluster_upstream_rq_total{envoy_cluster_name=\"app\"}"),
         "{stats}"
@@ -117,7 +112,7 @@ fn h2load_h2c_and_http1_through_the_sidecar() {
     let url = format!("http://{addr}/");
     assert_all_succeeded(&h2load(&["-n", "5000", "-c", "10", "-m", "10", &url]), 5000);
     assert_all_succeeded(&h2load(&["--h1", "-n", "5000", "-c", "10", &url]), 5000);
-    let stats = curl_ok(&[&format!("http://127.0.0.1:{admin}/stats")]);
+    let stats = curl_ok(&[&format!("http://{admin}/stats")]);
     assert!(stats.contains("http.http.downstream_rq_http2_total: 5000"), "{stats}");
     assert!(stats.contains("http.http.downstream_rq_http1_total: 5000"), "{stats}");
     assert!(stats.contains("cluster.app.upstream_rq_2xx: 10000"), "{stats}");
@@ -176,24 +171,19 @@ fn grpcio_client_and_server_through_the_sidecar() {
     let peer = repo().join("crates/tessera/tests/peers/grpc_peer.py");
     let (server, port) = grpc_server(&py);
     let dir = TempDir::new("grpc");
-    let (listen, admin) = (free_port(), free_port());
     let f = dir.write(
         "s.yaml",
-        &sidecar_config(listen, admin, format!("127.0.0.1:{port}").parse().unwrap(), "http2"),
+        &sidecar_config(0, 0, format!("127.0.0.1:{port}").parse().unwrap(), "http2"),
     );
-    let _p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
-    wait_status(
-        &format!("http://127.0.0.1:{admin}/ready"),
-        "200",
-        Duration::from_secs(10),
-    );
+    let (_p, listen, admin) = start_sidecar(&f, &[]);
+    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
 
     let out = Command::new("timeout")
         .arg("60")
         .arg(&py)
         .arg(&peer)
         .arg("call")
-        .arg(format!("127.0.0.1:{listen}"))
+        .arg(listen.to_string())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -221,7 +211,7 @@ fn grpcio_client_and_server_through_the_sidecar() {
     assert_eq!(v["metadata"]["x-forwarded-for"], "127.0.0.1");
     assert_eq!(v["metadata"]["x-request-id"].as_str().map(str::len), Some(36));
     assert_eq!(v["unimplemented"], "UNIMPLEMENTED");
-    let stats = curl_ok(&[&format!("http://127.0.0.1:{admin}/stats")]);
+    let stats = curl_ok(&[&format!("http://{admin}/stats")]);
     assert!(stats.contains("cluster.app.upstream_rq_2xx: 7"), "{stats}");
     drop(server);
 }
@@ -229,21 +219,13 @@ fn grpcio_client_and_server_through_the_sidecar() {
 #[test]
 fn grpc_client_gets_unavailable_when_the_backend_is_down() {
     let py = python();
-    let dead = free_port();
+    // Nothing listens on port 1 of loopback: connections are refused.
     let dir = TempDir::new("grpcdown");
-    let (listen, admin) = (free_port(), free_port());
-    let f = dir.write(
-        "s.yaml",
-        &sidecar_config(listen, admin, format!("127.0.0.1:{dead}").parse().unwrap(), "http2"),
-    );
-    let _p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
-    wait_status(
-        &format!("http://127.0.0.1:{admin}/ready"),
-        "200",
-        Duration::from_secs(10),
-    );
+    let f = dir.write("s.yaml", &sidecar_config(0, 0, "127.0.0.1:1".parse().unwrap(), "http2"));
+    let (_p, listen, admin) = start_sidecar(&f, &[]);
+    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
     let script = format!(
-        "import grpc\ntry:\n    grpc.insecure_channel('127.0.0.1:{listen}').unary_unary('/a.B/C')(b'x', timeout=10)\nexcept grpc.RpcError as e:\n    print(e.code().name, '|', e.details())\n"
+        "import grpc\ntry:\n    grpc.insecure_channel('{listen}').unary_unary('/a.B/C')(b'x', timeout=10)\nexcept grpc.RpcError as e:\n    print(e.code().name, '|', e.details())\n"
     );
     let out = Command::new(&py).arg("-c").arg(script).output().unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
@@ -260,23 +242,18 @@ fn grpc_health_checks_against_grpcio_health_service() {
     let py = python();
     let (mut server, port) = grpc_server(&py);
     let dir = TempDir::new("grpchc");
-    let (listen, admin) = (free_port(), free_port());
-    let cfg = sidecar_config(listen, admin, format!("127.0.0.1:{port}").parse().unwrap(), "http2").replace(
+    let cfg = sidecar_config(0, 0, format!("127.0.0.1:{port}").parse().unwrap(), "http2").replace(
         "  protocol: http2\n",
         "  protocol: http2\n  health_checks:\n  - { interval: 100ms, timeout: 1s, unhealthy_threshold: 1, healthy_threshold: 1, grpc_health_check: { service_name: tessera.test.Echo } }\n",
     );
     let f = dir.write("s.yaml", &cfg);
-    let _p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
-    wait_status(
-        &format!("http://127.0.0.1:{admin}/ready"),
-        "200",
-        Duration::from_secs(10),
-    );
+    let (_p, _listen, admin) = start_sidecar(&f, &[]);
+    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
     let flag = format!("app::127.0.0.1:{port}::health_flags::");
     let wait_flag = |want: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let c = curl_ok(&[&format!("http://127.0.0.1:{admin}/clusters")]);
+            let c = curl_ok(&[&format!("http://{admin}/clusters")]);
             if c.contains(&format!("{flag}{want}")) {
                 return;
             }
@@ -293,6 +270,6 @@ fn grpc_health_checks_against_grpcio_health_service() {
     writeln!(stdin, "up").unwrap();
     stdin.flush().unwrap();
     wait_flag("healthy");
-    let stats = curl_ok(&[&format!("http://127.0.0.1:{admin}/stats?filter=health_check")]);
+    let stats = curl_ok(&[&format!("http://{admin}/stats?filter=health_check")]);
     assert!(stats.contains("cluster.app.health_check.failure: "), "{stats}");
 }

@@ -148,6 +148,45 @@ impl Drop for Proc {
     }
 }
 
+impl Proc {
+    /// The address in the first log line containing `needle`, written `address=IP:PORT` or
+    /// `http://IP:PORT` (waits up to `limit` for it).
+    pub fn logged_addr(&self, needle: &str, limit: Duration) -> SocketAddr {
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                let at = line
+                    .find("address=")
+                    .map(|i| i + "address=".len())
+                    .or_else(|| line.find("http://").map(|i| i + "http://".len()))
+                    .unwrap_or_else(|| panic!("no address in {line:?}"));
+                let text: String = line[at..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '"' && *c != '/')
+                    .collect();
+                return text
+                    .parse()
+                    .unwrap_or_else(|e| panic!("bad address {text:?} in {line:?}: {e}"));
+            }
+            if Instant::now() > deadline {
+                panic!("log never showed {needle:?}; log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A sidecar started from `config` (listener `http`, admin on port 0) and its two addresses.
+pub fn start_sidecar(config: &Path, extra: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
+    let mut args = vec!["sidecar", "--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let p = Proc::tessera(&args);
+    let admin = p.logged_addr("admin API ready", Duration::from_secs(20));
+    let listen = p.logged_addr("listener=http ", Duration::from_secs(20));
+    (p, listen, admin)
+}
+
 /// Waits until something accepts connections on `addr`.
 pub fn wait_port(addr: SocketAddr, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -196,15 +235,16 @@ pub fn wait_status(url: &str, want: &str, limit: Duration) {
     }
 }
 
-/// A sample service (the one shipped in the binary) on a free port.
+/// A sample service (the one shipped in the binary) on an ephemeral port.
 pub fn sample_service(name: &str) -> (Proc, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let p = Proc::tessera(&["sample-service", "--listen", &addr.to_string(), "--name", name]);
+    let p = Proc::tessera(&["sample-service", "--listen", "127.0.0.1:0", "--name", name]);
+    let addr = p.logged_addr("sample service listening on", Duration::from_secs(20));
     wait_port(addr, Duration::from_secs(10));
     (p, addr)
 }
 
-/// A one-route HTTP sidecar config: listener on `listen`, admin on `admin`, cluster `upstream`.
+/// A one-route HTTP sidecar config: listener `http` on `listen`, admin on `admin` (0: ephemeral),
+/// cluster `app` at `upstream`.
 pub fn sidecar_config(listen: u16, admin: u16, upstream: SocketAddr, protocol: &str) -> String {
     format!(
         r#"admin: {{ address: "127.0.0.1:{admin}" }}
