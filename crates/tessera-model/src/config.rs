@@ -11,6 +11,7 @@ use serde::{Serialize, Serializer};
 
 use crate::decode::Cidr;
 use crate::format::LogFormat;
+use crate::tls::*;
 use crate::traffic::*;
 
 /// The whole configuration of one sidecar.
@@ -27,6 +28,8 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// Upstream clusters, in file order.
     pub clusters: Vec<Cluster>,
+    /// Certificates and trust bundles by name, for TLS contexts to refer to.
+    pub secrets: Vec<Secret>,
 }
 
 impl Config {
@@ -53,13 +56,17 @@ pub struct Listener {
     /// How long to wait for the first bytes when a chain matches on SNI, ALPN or transport.
     #[serde(serialize_with = "ser_duration")]
     pub listener_filters_timeout: Duration,
+    /// On that timeout, pick a chain with what was seen so far instead of closing (Istio's
+    /// protocol sniffing for server-first protocols).
+    pub continue_on_listener_filters_timeout: bool,
     /// Filter chains; the most specific match wins, as in Envoy.
     pub filter_chains: Vec<FilterChain>,
 }
 
 impl Listener {
-    /// True when choosing a chain needs the TLS ClientHello (SNI, ALPN or transport protocol).
-    pub fn needs_tls_inspection(&self) -> bool {
+    /// True when choosing a chain needs the first bytes: the TLS ClientHello (SNI, ALPN, transport
+    /// protocol) or the HTTP request line (`http/1.1` / `h2c` application protocols).
+    pub fn needs_inspection(&self) -> bool {
         self.filter_chains.iter().any(|c| {
             let m = &c.filter_chain_match;
             !m.server_names.is_empty() || m.transport_protocol.is_some() || !m.application_protocols.is_empty()
@@ -74,6 +81,8 @@ pub struct FilterChain {
     pub name: String,
     /// Which connections this chain takes.
     pub filter_chain_match: FilterChainMatch,
+    /// TLS termination, if the chain terminates TLS.
+    pub tls: Option<DownstreamTls>,
     /// What handles them.
     pub filter: NetworkFilter,
 }
@@ -130,9 +139,44 @@ pub enum CodecType {
     Http2,
 }
 
+/// What happens to `x-forwarded-client-cert` (Envoy's `forward_client_cert_details`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ForwardClientCert {
+    /// Remove it (the default).
+    Sanitize,
+    /// Pass it on unchanged when the client presented a certificate; else remove it.
+    ForwardOnly,
+    /// With a client certificate, append this hop's details; else remove it.
+    AppendForward,
+    /// With a client certificate, replace it with this hop's details; else remove it.
+    SanitizeSet,
+    /// Pass it on unchanged, whatever the connection.
+    AlwaysForwardOnly,
+}
+
+/// Which client certificate fields go into `x-forwarded-client-cert` (`By` and `Hash` always do).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ClientCertDetails {
+    /// `Subject="..."`.
+    pub subject: bool,
+    /// `Cert="<URL-encoded PEM>"`.
+    pub cert: bool,
+    /// Not supported; rejected when set.
+    pub chain: bool,
+    /// `DNS=` for each DNS SAN.
+    pub dns: bool,
+    /// `URI=` for each URI SAN.
+    pub uri: bool,
+}
+
 /// The HTTP connection manager: codec settings, limits, routes, access logs.
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpConnectionManager {
+    /// Handling of `x-forwarded-client-cert`.
+    pub forward_client_cert_details: ForwardClientCert,
+    /// Fields this hop adds to `x-forwarded-client-cert`.
+    pub set_current_client_cert_details: ClientCertDetails,
     /// Prefix for this filter's stats (`http.<stat_prefix>.`).
     pub stat_prefix: String,
     /// Downstream codec.
@@ -283,6 +327,12 @@ impl Pattern {
     }
 }
 
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
+        self.raw.as_str() == other.raw.as_str()
+    }
+}
+
 impl Serialize for Pattern {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.raw.as_str())
@@ -290,7 +340,7 @@ impl Serialize for Pattern {
 }
 
 /// A string comparison.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StringMatch {
     /// Equal.
@@ -573,6 +623,8 @@ pub struct Cluster {
     pub overprovisioning_factor: u32,
     /// Prefer endpoints near the node's locality (Istio's locality load balancing).
     pub locality_lb: bool,
+    /// TLS towards the endpoints, if any.
+    pub tls: Option<UpstreamTls>,
     /// Endpoints.
     pub endpoints: Vec<Endpoint>,
 }

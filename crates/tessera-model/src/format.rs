@@ -56,6 +56,30 @@ pub enum Op {
     ConnectionId,
     /// `%HOSTNAME%`.
     Hostname,
+    /// `%REQUESTED_SERVER_NAME%`: the SNI the client sent.
+    RequestedServerName,
+    /// `%DOWNSTREAM_TLS_VERSION%`: `TLSv1.2` or `TLSv1.3`.
+    DownstreamTlsVersion,
+    /// `%DOWNSTREAM_TLS_CIPHER%`: IANA name of the cipher suite.
+    DownstreamTlsCipher,
+    /// `%DOWNSTREAM_PEER_URI_SAN%`: the client certificate's URI SANs (SPIFFE ID), comma-separated.
+    DownstreamPeerUriSan,
+    /// `%DOWNSTREAM_PEER_DNS_SAN%`.
+    DownstreamPeerDnsSan,
+    /// `%DOWNSTREAM_PEER_SUBJECT%`.
+    DownstreamPeerSubject,
+    /// `%DOWNSTREAM_PEER_ISSUER%`.
+    DownstreamPeerIssuer,
+    /// `%DOWNSTREAM_PEER_SERIAL%`.
+    DownstreamPeerSerial,
+    /// `%DOWNSTREAM_PEER_FINGERPRINT_256%`: SHA-256 of the client certificate, hex.
+    DownstreamPeerFingerprint256,
+    /// `%DOWNSTREAM_LOCAL_URI_SAN%`: our certificate's URI SANs.
+    DownstreamLocalUriSan,
+    /// `%DOWNSTREAM_LOCAL_SUBJECT%`.
+    DownstreamLocalSubject,
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`: why the upstream connection failed (TLS errors included).
+    UpstreamTransportFailureReason,
 }
 
 impl Op {
@@ -253,6 +277,18 @@ fn parse_op(s: &str) -> Result<Op, String> {
         "ROUTE_NAME" => Op::RouteName,
         "CONNECTION_ID" => Op::ConnectionId,
         "HOSTNAME" => Op::Hostname,
+        "REQUESTED_SERVER_NAME" => Op::RequestedServerName,
+        "DOWNSTREAM_TLS_VERSION" => Op::DownstreamTlsVersion,
+        "DOWNSTREAM_TLS_CIPHER" => Op::DownstreamTlsCipher,
+        "DOWNSTREAM_PEER_URI_SAN" => Op::DownstreamPeerUriSan,
+        "DOWNSTREAM_PEER_DNS_SAN" => Op::DownstreamPeerDnsSan,
+        "DOWNSTREAM_PEER_SUBJECT" => Op::DownstreamPeerSubject,
+        "DOWNSTREAM_PEER_ISSUER" => Op::DownstreamPeerIssuer,
+        "DOWNSTREAM_PEER_SERIAL" => Op::DownstreamPeerSerial,
+        "DOWNSTREAM_PEER_FINGERPRINT_256" => Op::DownstreamPeerFingerprint256,
+        "DOWNSTREAM_LOCAL_URI_SAN" => Op::DownstreamLocalUriSan,
+        "DOWNSTREAM_LOCAL_SUBJECT" => Op::DownstreamLocalSubject,
+        "UPSTREAM_TRANSPORT_FAILURE_REASON" => Op::UpstreamTransportFailureReason,
         other => return Err(format!("unknown command operator `%{other}%`")),
     };
     if max_len.is_some() && !matches!(op, Op::Req(_) | Op::Resp(_)) {

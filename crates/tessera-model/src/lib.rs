@@ -11,6 +11,7 @@ mod error;
 pub mod format;
 mod load;
 mod mesh;
+mod tls;
 mod traffic;
 mod yaml;
 
@@ -20,5 +21,6 @@ pub use error::{ConfigError, LoadError};
 pub use format::LogFormat;
 pub use load::{DEFAULT_DRAIN_TIME, DEFAULT_ROUTE_TIMEOUT, split_host_port};
 pub use mesh::{MeshSpec, SampleService, SidecarSpec};
+pub use tls::*;
 pub use traffic::*;
 pub use yaml::Mark;

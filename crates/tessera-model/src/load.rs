@@ -64,16 +64,28 @@ impl Config {
 
 fn decode_config(ctx: &mut Ctx, root: &Node) -> Option<Config> {
     let mut o = Obj::open(ctx, root, &Path::root())?;
-    // Clusters first, whatever their place in the file, so references can be checked in place.
+    // Secrets, then clusters, whatever their place in the file, so references can be checked in place.
+    let mut secret_names = HashSet::new();
+    let secrets = o.list(ctx, "secrets", |ctx, n, p| {
+        let s = tls::secret(ctx, n, p)?;
+        if !secret_names.insert(s.name.clone()) {
+            ctx.error(n.mark, &p.field("name"), format!("duplicate secret name `{}`", s.name));
+        }
+        Some(s)
+    });
+    let secret_refs = tls::SecretNames::new(&secrets);
     let mut names = HashSet::new();
     let clusters = o.list(ctx, "clusters", |ctx, n, p| {
-        let c = decode_cluster(ctx, n, p)?;
+        let c = decode_cluster(ctx, n, p, &secret_refs)?;
         if !names.insert(c.name.clone()) {
             ctx.error(n.mark, &p.field("name"), format!("duplicate cluster name `{}`", c.name));
         }
         Some(c)
     });
-    let refs = Refs { clusters: &names };
+    let refs = Refs {
+        clusters: &names,
+        secrets: &secret_refs,
+    };
 
     let admin = o.get("admin").and_then(|(n, p)| {
         let mut a = Obj::open(ctx, n, &p)?;
@@ -101,11 +113,13 @@ fn decode_config(ctx: &mut Ctx, root: &Node) -> Option<Config> {
         drain_time,
         listeners,
         clusters,
+        secrets,
     })
 }
 
 struct Refs<'a> {
     clusters: &'a HashSet<String>,
+    secrets: &'a tls::SecretNames,
 }
 
 impl Refs<'_> {
@@ -167,6 +181,7 @@ fn decode_listener(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option
     let listener_filters_timeout = o
         .duration(ctx, "listener_filters_timeout")
         .unwrap_or(Duration::from_secs(15));
+    let continue_on_listener_filters_timeout = o.bool(ctx, "continue_on_listener_filters_timeout").unwrap_or(false);
     let lname = name.clone().unwrap_or_default();
     let mut chains: Vec<FilterChain> = Vec::new();
     if let Some((cn, cp)) = o.require(ctx, "filter_chains") {
@@ -200,6 +215,7 @@ fn decode_listener(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option
         name: name?,
         address: address?,
         listener_filters_timeout,
+        continue_on_listener_filters_timeout,
         filter_chains: chains,
     })
 }
@@ -217,6 +233,16 @@ fn decode_chain(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, listener: &s
         Some((n, p)) => decode_chain_match(ctx, n, &p)?,
         None => FilterChainMatch::default(),
     };
+    let tls = o
+        .get("tls")
+        .and_then(|(n, p)| tls::downstream(ctx, n, &p, refs.secrets));
+    if let Some((tn, tp)) = o.get("transport_socket") {
+        ctx.error(
+            tn.mark,
+            &tp,
+            "write TLS termination as `tls:` with the DownstreamTlsContext fields (see docs/config.md)",
+        );
+    }
     let tcp = o.get("tcp_proxy");
     let http = o.get("http");
     let filter = match (tcp, http) {
@@ -239,6 +265,7 @@ fn decode_chain(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, listener: &s
     Some(FilterChain {
         name,
         filter_chain_match,
+        tls,
         filter,
     })
 }
@@ -320,8 +347,49 @@ fn decode_hcm(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, listener: &str
     let local_rate_limit = o
         .get("local_rate_limit")
         .and_then(|(n, p)| traffic::local_rate_limit(ctx, n, &p));
+    let forward_client_cert_details = o
+        .get("forward_client_cert_details")
+        .and_then(|(n, p)| {
+            enumeration(
+                ctx,
+                n,
+                &p,
+                &[
+                    ("SANITIZE", ForwardClientCert::Sanitize),
+                    ("FORWARD_ONLY", ForwardClientCert::ForwardOnly),
+                    ("APPEND_FORWARD", ForwardClientCert::AppendForward),
+                    ("SANITIZE_SET", ForwardClientCert::SanitizeSet),
+                    ("ALWAYS_FORWARD_ONLY", ForwardClientCert::AlwaysForwardOnly),
+                ],
+            )
+        })
+        .unwrap_or(ForwardClientCert::Sanitize);
+    let set_current_client_cert_details = o
+        .get("set_current_client_cert_details")
+        .and_then(|(n, p)| {
+            let mut d = Obj::open(ctx, n, &p)?;
+            let r = ClientCertDetails {
+                subject: d.bool(ctx, "subject").unwrap_or(false),
+                cert: d.bool(ctx, "cert").unwrap_or(false),
+                chain: d.bool(ctx, "chain").unwrap_or(false),
+                dns: d.bool(ctx, "dns").unwrap_or(false),
+                uri: d.bool(ctx, "uri").unwrap_or(false),
+            };
+            if r.chain {
+                ctx.error(
+                    n.mark,
+                    &p.field("chain"),
+                    "chain is not supported; `cert` forwards the leaf",
+                );
+            }
+            d.finish(ctx);
+            Some(r)
+        })
+        .unwrap_or_default();
     o.finish(ctx);
     Some(HttpConnectionManager {
+        forward_client_cert_details,
+        set_current_client_cert_details,
         stat_prefix,
         codec_type,
         max_request_headers_kb,
@@ -988,7 +1056,7 @@ fn decode_direct(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<DirectResponse> {
     Some(DirectResponse { status: status?, body })
 }
 
-fn decode_cluster(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Cluster> {
+fn decode_cluster(ctx: &mut Ctx, n: &Node, p: &Path, secrets: &tls::SecretNames) -> Option<Cluster> {
     let mut o = Obj::open(ctx, n, p)?;
     let name = o.req_string(ctx, "name");
     let discovery = o.get("type").and_then(|(n, p)| {
@@ -1054,6 +1122,14 @@ fn decode_cluster(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Cluster> {
         .unwrap_or(50.0);
     let overprovisioning_factor = o.uint(ctx, "overprovisioning_factor", 100, 100_000).unwrap_or(140);
     let locality_lb = o.bool(ctx, "locality_lb").unwrap_or(true);
+    let tls = o.get("tls").and_then(|(n, p)| tls::upstream(ctx, n, &p, secrets));
+    if let Some((tn, tp)) = o.get("transport_socket") {
+        ctx.error(
+            tn.mark,
+            &tp,
+            "write TLS origination as `tls:` with the UpstreamTlsContext fields (see docs/config.md)",
+        );
+    }
     let endpoints = o.list(ctx, "endpoints", decode_endpoint);
     let all_ips = endpoints.iter().all(|e| e.host.parse::<IpAddr>().is_ok());
     let discovery = match discovery {
@@ -1090,6 +1166,7 @@ fn decode_cluster(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Cluster> {
         healthy_panic_threshold,
         overprovisioning_factor,
         locality_lb,
+        tls,
         endpoints,
     })
 }
@@ -1144,6 +1221,7 @@ pub fn split_host_port(s: &str) -> Option<(String, u16)> {
     Some((host.to_ascii_lowercase(), port))
 }
 
+mod tls;
 mod traffic;
 
 #[cfg(test)]

@@ -89,6 +89,10 @@ pub(crate) struct LogRecord {
     pub(crate) downstream_local: SocketAddr,
     pub(crate) route_name: Option<Arc<str>>,
     pub(crate) connection_id: u64,
+    /// What the downstream TLS handshake negotiated, if the connection is TLS.
+    pub(crate) tls: Option<Arc<crate::tls::TlsInfo>>,
+    /// Why the upstream connection failed (`%UPSTREAM_TRANSPORT_FAILURE_REASON%`).
+    pub(crate) upstream_failure: Option<String>,
 }
 
 impl LogRecord {
@@ -117,6 +121,8 @@ impl LogRecord {
             downstream_local: local,
             route_name: None,
             connection_id,
+            tls: None,
+            upstream_failure: None,
         }
     }
 
@@ -365,6 +371,27 @@ fn value(op: &Op, rec: &LogRecord) -> Option<String> {
         Op::RouteName => rec.route_name.as_deref().map(str::to_string),
         Op::ConnectionId => Some(rec.connection_id.to_string()),
         Op::Hostname => hostname(),
+        Op::UpstreamTransportFailureReason => rec.upstream_failure.clone(),
+        tls_op => {
+            let t = rec.tls.as_deref()?;
+            let peer = t.peer.as_ref().map(|p| &p.info);
+            let local = t.local.as_deref();
+            let joined = |v: &[String]| (!v.is_empty()).then(|| v.join(","));
+            match tls_op {
+                Op::RequestedServerName => t.sni.clone(),
+                Op::DownstreamTlsVersion => Some(t.version.to_string()),
+                Op::DownstreamTlsCipher => Some(t.cipher.to_string()),
+                Op::DownstreamPeerUriSan => peer.and_then(|p| joined(&p.uri)),
+                Op::DownstreamPeerDnsSan => peer.and_then(|p| joined(&p.dns)),
+                Op::DownstreamPeerSubject => peer.map(|p| p.subject.clone()),
+                Op::DownstreamPeerIssuer => peer.map(|p| p.issuer.clone()),
+                Op::DownstreamPeerSerial => peer.map(|p| p.serial.clone()),
+                Op::DownstreamPeerFingerprint256 => t.peer.as_ref().map(|p| p.sha256.clone()),
+                Op::DownstreamLocalUriSan => local.and_then(|l| joined(&l.uri)),
+                Op::DownstreamLocalSubject => local.map(|l| l.subject.clone()),
+                _ => None,
+            }
+        }
     }
 }
 

@@ -26,6 +26,7 @@ const HELP: &str = "admin commands are:
   /config_dump: the configuration in effect (JSON)
   /clusters: endpoints with health and counters; ?format=json
   /listeners: listeners and their addresses; ?format=json
+  /certs: loaded certificates and trust bundles: SANs, serials, expiry (JSON)
   /healthcheck/fail (POST): report DRAINING at /ready
   /healthcheck/ok (POST): report LIVE again
   /drain_listeners (POST): stop accepting and drain connections
@@ -185,6 +186,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }))
         }
         "/clusters" => clusters(shared, query_param(query, "format") == Some("json")),
+        "/certs" => json_reply(&certs(shared)),
         "/listeners" => {
             let ls = shared.listeners.load();
             if query_param(query, "format") == Some("json") {
@@ -298,6 +300,53 @@ fn clusters(shared: &Shared, as_json: bool) -> Response<Full<Bytes>> {
         }
     }
     text(out)
+}
+
+/// Every loaded certificate and trust bundle, in the spirit of Envoy's `/certs`.
+fn certs(shared: &Shared) -> serde_json::Value {
+    use crate::tls::secrets::Material;
+    use crate::tls::x509::{CertInfo, rfc3339};
+    let now = crate::tls::secrets::now_secs();
+    let cert = |c: &CertInfo| {
+        let mut sans = Vec::new();
+        sans.extend(c.uri.iter().map(|u| json!({ "uri": u })));
+        sans.extend(c.dns.iter().map(|d| json!({ "dns": d })));
+        sans.extend(c.ip.iter().map(|i| json!({ "ip_address": i.to_string() })));
+        sans.extend(c.email.iter().map(|e| json!({ "email": e })));
+        json!({
+            "serial_number": c.serial,
+            "subject": c.subject,
+            "issuer": c.issuer,
+            "subject_alt_names": sans,
+            "valid_from": rfc3339(c.not_before),
+            "expiration_time": rfc3339(c.not_after),
+            "days_until_expiration": (c.not_after - now).div_euclid(86_400),
+        })
+    };
+    let list: Vec<_> = shared
+        .secrets
+        .load()
+        .iter()
+        .map(|s| {
+            let mut v = json!({ "name": s.name, "version": s.version() });
+            match s.material().as_deref() {
+                Some(Material::Cert(c)) => {
+                    let mut chain = vec![cert(&c.leaf)];
+                    chain.extend(c.chain.iter().map(cert));
+                    v["cert_chain"] = json!(chain);
+                }
+                Some(Material::Ca(c)) => {
+                    v["ca_cert"] = json!(c.certs.iter().map(cert).collect::<Vec<_>>());
+                }
+                None => {}
+            }
+            if let Some(e) = s.last_error.load().as_deref() {
+                v["last_update_error"] = json!(e);
+            }
+            v
+        })
+        .collect();
+    json!({ "certificates": list })
 }
 
 #[cfg(test)]

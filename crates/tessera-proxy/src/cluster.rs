@@ -420,6 +420,8 @@ pub(crate) struct ClusterRt {
     pub(crate) changed: Arc<Notify>,
     /// Health-check rounds completed (all checks together).
     pub(crate) hc_rounds: AtomicU64,
+    /// TLS origination, when the cluster has a `tls` block.
+    pub(crate) tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 impl Drop for ClusterRt {
@@ -453,6 +455,7 @@ impl ClusterRt {
             retries_active: AtomicI64::new(0),
             changed: Arc::new(Notify::new()),
             hc_rounds: AtomicU64::new(0),
+            tls: None,
             cfg,
         };
         if let Some(prev) = previous {
@@ -476,6 +479,12 @@ impl ClusterRt {
             rt.rebuild();
         }
         rt
+    }
+
+    /// Sets the TLS context connections to the endpoints use.
+    pub(crate) fn with_tls(mut self, tls: Option<Arc<crate::tls::ClientTls>>) -> ClusterRt {
+        self.tls = tls;
+        self
     }
 
     pub(crate) fn name(&self) -> &str {

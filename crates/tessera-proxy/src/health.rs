@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use crate::cluster::{ClusterRt, FAILED_ACTIVE_HC, Host, now_ms};
+use crate::tls::{Alpn, ClientTls, Stream};
 use crate::util::rand_below;
 
 /// Starts one checking loop per configured health check of `cluster`.
@@ -40,15 +41,15 @@ async fn run(weak: Weak<ClusterRt>, k: usize, hc: HealthCheck) {
     let bit = 1u32 << k;
     let mut tallies: HashMap<u64, Tally> = HashMap::new();
     loop {
-        let (hosts, authority) = match weak.upgrade() {
-            Some(c) => (c.hosts(), c.name().to_string()),
+        let (hosts, authority, tls) = match weak.upgrade() {
+            Some(c) => (c.hosts(), c.name().to_string(), c.tls.clone()),
             None => return,
         };
         let mut round = JoinSet::new();
         for h in hosts {
-            let (hc, authority) = (hc.clone(), authority.clone());
+            let (hc, authority, tls) = (hc.clone(), authority.clone(), tls.clone());
             round.spawn(async move {
-                let r = match tokio::time::timeout(hc.timeout, check(&hc, &h, &authority)).await {
+                let r = match tokio::time::timeout(hc.timeout, check(&hc, &h, &authority, tls.as_deref())).await {
                     Ok(r) => r,
                     Err(_) => Err(format!("no answer within {:?}", hc.timeout)),
                 };
@@ -128,14 +129,15 @@ fn set_failing(h: &Host, bit: u32, failing: bool) -> bool {
     true
 }
 
-async fn check(hc: &HealthCheck, h: &Host, authority: &str) -> Result<(), String> {
+/// Checks run over the cluster's transport: TLS when the cluster originates TLS, as in Envoy.
+async fn check(hc: &HealthCheck, h: &Host, authority: &str, tls: Option<&ClientTls>) -> Result<(), String> {
     match &hc.kind {
         HealthCheckKind::Http {
             path,
             host,
             expected_statuses,
         } => {
-            let status = http_check(h, path, host.as_deref().unwrap_or(authority)).await?;
+            let status = http_check(h, tls, path, host.as_deref().unwrap_or(authority)).await?;
             if expected_statuses
                 .iter()
                 .any(|r| (r.start..r.end).contains(&status.as_u16()))
@@ -145,22 +147,28 @@ async fn check(hc: &HealthCheck, h: &Host, authority: &str) -> Result<(), String
                 Err(format!("status {status} is not expected"))
             }
         }
-        HealthCheckKind::Tcp { send, receive } => tcp_check(h, send.as_deref(), receive).await,
+        HealthCheckKind::Tcp { send, receive } => tcp_check(h, tls, send.as_deref(), receive).await,
         HealthCheckKind::Grpc {
             service_name,
             authority: a,
-        } => grpc_check(h, service_name, a.as_deref().unwrap_or(authority)).await,
+        } => grpc_check(h, tls, service_name, a.as_deref().unwrap_or(authority)).await,
     }
 }
 
-async fn connect(h: &Host) -> Result<TcpStream, String> {
+async fn connect(h: &Host, tls: Option<&ClientTls>, alpn: Alpn) -> Result<Stream, String> {
     let s = TcpStream::connect(h.addr).await.map_err(|e| format!("connect: {e}"))?;
     let _ = s.set_nodelay(true);
-    Ok(s)
+    match tls {
+        None => Ok(Stream::Plain(s)),
+        Some(t) => t
+            .connect(s, h.addr.ip(), alpn)
+            .await
+            .map_err(|(r, e)| format!("TLS handshake ({}): {e}", r.name())),
+    }
 }
 
-async fn http_check(h: &Host, path: &str, host: &str) -> Result<StatusCode, String> {
-    let s = connect(h).await?;
+async fn http_check(h: &Host, tls: Option<&ClientTls>, path: &str, host: &str) -> Result<StatusCode, String> {
+    let s = connect(h, tls, Alpn::Http1).await?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(s))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
@@ -175,8 +183,8 @@ async fn http_check(h: &Host, path: &str, host: &str) -> Result<StatusCode, Stri
     Ok(resp.status())
 }
 
-async fn tcp_check(h: &Host, send: Option<&[u8]>, receive: &[Vec<u8>]) -> Result<(), String> {
-    let mut s = connect(h).await?;
+async fn tcp_check(h: &Host, tls: Option<&ClientTls>, send: Option<&[u8]>, receive: &[Vec<u8>]) -> Result<(), String> {
+    let mut s = connect(h, tls, Alpn::Configured).await?;
     if let Some(b) = send {
         s.write_all(b).await.map_err(|e| format!("send: {e}"))?;
     }
@@ -264,8 +272,8 @@ fn grpc_status_of(mut body: Bytes) -> Option<u64> {
     Some(0)
 }
 
-async fn grpc_check(h: &Host, service: &str, authority: &str) -> Result<(), String> {
-    let s = connect(h).await?;
+async fn grpc_check(h: &Host, tls: Option<&ClientTls>, service: &str, authority: &str) -> Result<(), String> {
+    let s = connect(h, tls, Alpn::Http2).await?;
     let (mut tx, conn) =
         hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(TokioExecutor::new(), TokioIo::new(s))
             .await

@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tessera_model as model;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -28,10 +27,12 @@ use crate::access_log::{LogRecord, LogSink, LogSpec};
 use crate::body::{Ending, ReqTrack, RespBody};
 use crate::cluster::{ClusterRt, Host};
 use crate::flags::ResponseFlags;
+use crate::listener::Accepted;
 use crate::pool::Pooled;
 use crate::ratelimit::RateLimiter;
 use crate::router::{self, Action, Forward, RequestView, Route, RouteTable, VirtualHost, mutate};
 use crate::stats::{Counter, Gauge, Scope, Stats};
+use crate::tls::TlsInfo;
 use crate::util::{rand_below, uuid_v4};
 
 mod forward;
@@ -45,6 +46,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Envoy's `http.<stat_prefix>.*` stats.
 pub(crate) struct HttpStats {
@@ -166,6 +168,10 @@ pub(crate) struct ConnCtx {
     id: u64,
     /// The client's address as a header value, made once per connection for `x-forwarded-for`.
     remote_ip: HeaderValue,
+    /// What TLS negotiated, when the connection is TLS.
+    tls: Option<Arc<TlsInfo>>,
+    /// `http` or `https`.
+    scheme: &'static str,
     /// Streams in flight, and when the last one ended (ms since `born`), for the idle timeout.
     active: AtomicU32,
     last_done_ms: AtomicU64,
@@ -299,14 +305,18 @@ impl Drop for Stream {
 
 /// Serves one downstream connection until it closes, the listener drains, or it idles out.
 pub(crate) async fn serve(
-    stream: TcpStream,
+    conn: Accepted,
     chain: Arc<HttpChainRt>,
     sink: Option<LogSink>,
-    remote: SocketAddr,
-    local: SocketAddr,
-    id: u64,
     mut drain: watch::Receiver<bool>,
 ) {
+    let Accepted {
+        stream,
+        tls,
+        remote,
+        local,
+        id,
+    } = conn;
     chain.stats.downstream_cx_total.inc();
     chain.stats.downstream_cx_active.inc();
     let _cx_active = scopeguard(chain.stats.downstream_cx_active.clone());
@@ -314,6 +324,8 @@ pub(crate) async fn serve(
     let cx = Arc::new(ConnCtx {
         sink: if chain.logs.is_some() { sink } else { None },
         remote_ip: HeaderValue::from_str(&remote.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown")),
+        scheme: if tls.is_some() { "https" } else { "http" },
+        tls,
         remote,
         local,
         id,
@@ -407,6 +419,8 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
     let log = chain.logs.as_ref().map(|spec| {
         let mut r = Box::new(LogRecord::new(spec, cx.remote, cx.local, cx.id));
         r.capture_request(&parts, authority(&parts));
+        r.scheme = cx.scheme;
+        r.tls = cx.tls.clone();
         r
     });
     let mut st = Stream::new(cx, log, start);
@@ -449,7 +463,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
         path: parts.uri.path(),
         query: parts.uri.query(),
         method: &parts.method,
-        scheme: "http",
+        scheme: st.cx.scheme,
         headers: &parts.headers,
     });
     let Some((vh, route)) = found else {
@@ -499,7 +513,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
             path: parts.uri.path(),
             query: parts.uri.query(),
             method: &parts.method,
-            scheme: "http",
+            scheme: st.cx.scheme,
             headers: &parts.headers,
         };
         if fault.headers.iter().all(|h| router::header_matches(h, &view)) {
@@ -716,9 +730,10 @@ fn prepare_request(
             }
         }
         if !h.contains_key(X_FORWARDED_PROTO) {
-            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(cx.scheme));
         }
     }
+    forward_client_cert(cx, h);
     for m in [&route.mutations, &vh.mutations, &table.mutations] {
         if !m.request_add.is_empty() || !m.request_remove.is_empty() {
             mutate(h, &m.request_remove, &m.request_add);
@@ -950,6 +965,84 @@ fn percent_encode_grpc(b: &[u8]) -> Bytes {
         }
     }
     Bytes::from(out)
+}
+
+/// Applies `forward_client_cert_details` to `x-forwarded-client-cert`, as Envoy does: the header
+/// survives only from clients that presented a certificate (unless told to always forward), and
+/// this hop can append or set its own element `By=<our URI SAN>;Hash=<client cert SHA-256>;...`.
+fn forward_client_cert(cx: &ConnCtx, h: &mut HeaderMap) {
+    use model::ForwardClientCert as F;
+    let cfg = &cx.chain.cfg;
+    let peer = cx.tls.as_deref().and_then(|t| t.peer.as_ref().map(|p| (t, p)));
+    match (cfg.forward_client_cert_details, peer) {
+        (F::AlwaysForwardOnly, _) | (F::ForwardOnly, Some(_)) => {}
+        (F::Sanitize, _) | (_, None) => {
+            h.remove(X_FORWARDED_CLIENT_CERT);
+        }
+        (mode @ (F::AppendForward | F::SanitizeSet), Some((t, p))) => {
+            let d = cfg.set_current_client_cert_details;
+            let mut e = String::with_capacity(160);
+            if let Some(by) = t.local.as_deref().and_then(|l| l.uri.first()) {
+                e.push_str("By=");
+                e.push_str(by);
+                e.push(';');
+            }
+            e.push_str("Hash=");
+            e.push_str(&p.sha256);
+            if d.cert {
+                e.push_str(";Cert=\"");
+                e.push_str(&url_encode(&crate::util::pem("CERTIFICATE", &p.der)));
+                e.push('"');
+            }
+            if d.subject {
+                e.push_str(";Subject=\"");
+                e.push_str(&p.info.subject.replace('"', "\\\""));
+                e.push('"');
+            }
+            if d.uri {
+                for u in &p.info.uri {
+                    e.push_str(";URI=");
+                    e.push_str(u);
+                }
+            }
+            if d.dns {
+                for n in &p.info.dns {
+                    e.push_str(";DNS=");
+                    e.push_str(n);
+                }
+            }
+            let value = match (mode, h.get(X_FORWARDED_CLIENT_CERT)) {
+                (F::AppendForward, Some(prev)) => {
+                    let mut v = prev.as_bytes().to_vec();
+                    v.push(b',');
+                    v.extend_from_slice(e.as_bytes());
+                    HeaderValue::from_bytes(&v)
+                }
+                _ => HeaderValue::from_str(&e),
+            };
+            match value {
+                Ok(v) => {
+                    h.insert(X_FORWARDED_CLIENT_CERT, v);
+                }
+                Err(_) => {
+                    h.remove(X_FORWARDED_CLIENT_CERT);
+                }
+            }
+        }
+    }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3 / 2);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ mod router;
 mod server;
 mod stats;
 mod tcp;
+mod tls;
 mod tls_inspect;
 mod util;
 mod worker;
@@ -30,6 +31,14 @@ mod worker;
 pub use body::RespBody;
 pub use flags::ResponseFlags;
 pub use server::{Options, Server, ServerState, StartError};
+pub use tls::SecretError;
+
+/// Loads every certificate, key and trust bundle `cfg` names, as the proxy would at start, and
+/// returns every failure, each naming the configuration place and the file (for `tessera
+/// check`). Reads files: call off the async runtime.
+pub fn check_tls(cfg: &tessera_model::Config) -> Vec<String> {
+    tls::check_all(cfg)
+}
 
 /// Hooks for tests, fuzz targets and benchmarks of this crate. Not part of the proxy's behaviour
 /// and not a stable API.

@@ -16,6 +16,7 @@ use crate::http::HttpChainRt;
 use crate::server::Shared;
 use crate::stats::{Counter, Gauge, Scope, Stats};
 use crate::tcp::TcpProxyRt;
+use crate::tls::{ServerTls, Stream, TlsInfo};
 use crate::tls_inspect::{self, Inspect};
 
 /// The network filter of a chain at run time.
@@ -27,6 +28,8 @@ pub(crate) enum ChainFilter {
 pub(crate) struct ChainRt {
     pub(crate) name: String,
     pub(crate) matcher: FilterChainMatch,
+    /// TLS termination, when the chain has a `tls` block.
+    pub(crate) tls: Option<Arc<ServerTls>>,
     pub(crate) filter: ChainFilter,
 }
 
@@ -34,7 +37,11 @@ pub(crate) struct ChainRt {
 pub(crate) struct ListenerCfg {
     pub(crate) chains: Vec<ChainRt>,
     pub(crate) inspect: bool,
+    /// Some chain matches on `http/1.1`, `http/1.0` or `h2c`: read the request line of plaintext.
+    pub(crate) inspect_http: bool,
     pub(crate) inspect_timeout: Duration,
+    /// On inspection timeout, choose a chain with what was seen instead of closing.
+    pub(crate) continue_on_timeout: bool,
 }
 
 pub(crate) struct ListenerStats {
@@ -160,9 +167,10 @@ async fn on_connection(stream: TcpStream, remote: SocketAddr, l: Arc<ListenerRt>
     let local = stream.local_addr().unwrap_or(l.bound);
     let cfg = l.cfg.load_full();
     let meta = if cfg.inspect {
-        match peek_hello(&stream, cfg.inspect_timeout).await {
-            Some(m) => m,
-            None => {
+        match peek_hello(&stream, cfg.inspect_timeout, cfg.inspect_http).await {
+            Peeked::Meta(m) => m,
+            Peeked::TimedOut if cfg.continue_on_timeout => ConnMeta::default(),
+            Peeked::TimedOut | Peeked::Closed => {
                 l.stats.downstream_listener_filter_error.inc();
                 return;
             }
@@ -177,20 +185,23 @@ async fn on_connection(stream: TcpStream, remote: SocketAddr, l: Arc<ListenerRt>
     };
     let id = shared.next_connection_id();
     tracing::trace!(listener = %l.name, chain = %chain.name, %remote, id, "connection");
+    let (stream, tls) = match &chain.tls {
+        None => (Stream::Plain(stream), None),
+        Some(t) => match t.accept(stream, remote).await {
+            Some((s, info)) => (s, Some(Arc::new(info))),
+            None => return,
+        },
+    };
+    let conn = Accepted {
+        stream,
+        tls,
+        remote,
+        local,
+        id,
+    };
     match &chain.filter {
-        ChainFilter::Tcp(t) => crate::tcp::proxy(stream, t.clone(), shared.log_sink(), remote, local, id).await,
-        ChainFilter::Http(h) => {
-            crate::http::serve(
-                stream,
-                h.clone(),
-                shared.log_sink(),
-                remote,
-                local,
-                id,
-                l.drain.subscribe(),
-            )
-            .await
-        }
+        ChainFilter::Tcp(t) => crate::tcp::proxy(conn, t.clone(), shared.log_sink()).await,
+        ChainFilter::Http(h) => crate::http::serve(conn, h.clone(), shared.log_sink(), l.drain.subscribe()).await,
     }
 }
 
@@ -201,6 +212,15 @@ impl Drop for GaugeDown<'_> {
     }
 }
 
+/// An accepted downstream connection, after TLS if the chain terminates it.
+pub(crate) struct Accepted {
+    pub(crate) stream: Stream,
+    pub(crate) tls: Option<Arc<TlsInfo>>,
+    pub(crate) remote: SocketAddr,
+    pub(crate) local: SocketAddr,
+    pub(crate) id: u64,
+}
+
 /// What the first bytes said.
 #[derive(Debug, Default)]
 pub(crate) struct ConnMeta {
@@ -209,46 +229,108 @@ pub(crate) struct ConnMeta {
     pub(crate) alpn: Vec<String>,
 }
 
-/// Peeks at the ClientHello without consuming it. `None` when the peer sent nothing in time or
-/// closed.
-async fn peek_hello(stream: &TcpStream, timeout: Duration) -> Option<ConnMeta> {
+/// What peeking at the first bytes gave.
+enum Peeked {
+    Meta(ConnMeta),
+    /// Nothing conclusive arrived in time (a server-first protocol, or a slow client).
+    TimedOut,
+    /// The peer closed or the socket failed.
+    Closed,
+}
+
+/// Peeks at the first bytes without consuming them: a TLS ClientHello (SNI, ALPN), else an
+/// HTTP/2 preface or HTTP/1 request line, which give the application protocol `h2c` or
+/// `http/1.1` as Envoy's HTTP inspector does.
+async fn peek_hello(stream: &TcpStream, timeout: Duration, http: bool) -> Peeked {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; 16 * 1024 + 5];
     let mut last_len = usize::MAX;
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        match tls_inspect::inspect(&buf[..n]) {
-            Inspect::NotTls => return Some(ConnMeta::default()),
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Err(_) => return Peeked::TimedOut,
+            Ok(Err(_)) | Ok(Ok(0)) => return Peeked::Closed,
+            Ok(Ok(n)) => n,
+        };
+        let more = match tls_inspect::inspect(&buf[..n]) {
+            Inspect::NotTls if !http => return Peeked::Meta(ConnMeta::default()),
+            Inspect::NotTls => match http_inspect(&buf[..n]) {
+                Some(proto) => {
+                    return Peeked::Meta(ConnMeta {
+                        alpn: proto.map(|p| vec![p.to_string()]).unwrap_or_default(),
+                        ..ConnMeta::default()
+                    });
+                }
+                None => true,
+            },
             Inspect::Tls(h) => {
-                return Some(ConnMeta {
+                return Peeked::Meta(ConnMeta {
                     tls: true,
                     sni: h.server_name,
                     alpn: h.alpn,
                 });
             }
             Inspect::NeedMore if n == buf.len() => {
-                return Some(ConnMeta {
+                return Peeked::Meta(ConnMeta {
                     tls: true,
                     ..ConnMeta::default()
                 });
             }
-            Inspect::NeedMore => {
-                // peek() returns at once while data is buffered; wait a little for the rest.
-                if n == last_len {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                last_len = n;
-                if tokio::time::Instant::now() >= deadline {
-                    return None;
-                }
+            Inspect::NeedMore => true,
+        };
+        if more {
+            if n == buf.len() {
+                return Peeked::Meta(ConnMeta::default());
+            }
+            // peek() returns at once while data is buffered; wait a little for the rest.
+            if n == last_len {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            last_len = n;
+            if tokio::time::Instant::now() >= deadline {
+                return Peeked::TimedOut;
             }
         }
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Envoy's HTTP inspector on plaintext bytes: `Some(Some("h2c"))` for the HTTP/2 preface,
+/// `Some(Some("http/1.1"))` (or `http/1.0`) for an HTTP/1 request line, `Some(None)` when the
+/// bytes are neither, `None` when more bytes are needed to tell.
+pub(crate) fn http_inspect(b: &[u8]) -> Option<Option<&'static str>> {
+    let n = b.len().min(H2_PREFACE.len());
+    if b[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() { Some(Some("h2c")) } else { None };
+    }
+    // METHOD SP request-target SP HTTP/1.x CRLF; the method is a token.
+    let line_end = b.iter().position(|c| *c == b'\n');
+    let line = match line_end {
+        Some(i) => &b[..i],
+        None if b.len() >= 8192 => return Some(None),
+        None => {
+            // Not finished yet: give up early if what is there cannot be an HTTP/1 request line.
+            let method_len = b.iter().position(|c| *c == b' ').unwrap_or(b.len());
+            let tokenish = b[..method_len]
+                .iter()
+                .all(|c| c.is_ascii_uppercase() || *c == b'-' || *c == b'_');
+            return if tokenish && method_len <= 20 { None } else { Some(None) };
+        }
+    };
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|c| *c == b' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Some(None);
+    };
+    let token = |c: &u8| c.is_ascii_uppercase() || *c == b'-' || *c == b'_';
+    if method.is_empty() || !method.iter().all(token) || target.is_empty() {
+        return Some(None);
+    }
+    match version {
+        b"HTTP/1.1" => Some(Some("http/1.1")),
+        b"HTTP/1.0" => Some(Some("http/1.0")),
+        _ => Some(None),
     }
 }
 
@@ -341,6 +423,7 @@ mod tests {
         ChainRt {
             name: name.into(),
             matcher: m,
+            tls: None,
             filter: ChainFilter::Tcp(Arc::new(TcpProxyRt::new(t, cluster, &stats))),
         }
     }
@@ -451,5 +534,28 @@ mod tests {
             Some("internal")
         );
         assert_eq!(pick(&chains, 80, "192.168.0.1", false, None, &[]), None);
+    }
+}
+
+#[cfg(test)]
+mod inspect_tests {
+    use super::http_inspect;
+
+    #[test]
+    fn http_inspector_tells_h2c_http1_and_other_bytes() {
+        assert_eq!(http_inspect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"), Some(Some("h2c")));
+        assert_eq!(
+            http_inspect(b"PRI * HTTP/2"),
+            None,
+            "a partial preface needs more bytes"
+        );
+        assert_eq!(http_inspect(b"GET / HTTP/1.1\r\nHost: a\r\n"), Some(Some("http/1.1")));
+        assert_eq!(http_inspect(b"POST /x?y HTTP/1.0\r\n"), Some(Some("http/1.0")));
+        assert_eq!(http_inspect(b"GET / HT"), None);
+        assert_eq!(http_inspect(b"GET / SIP/2.0\r\n"), Some(None));
+        assert_eq!(http_inspect(b"\x16\x03\x01"), Some(None), "binary is not HTTP");
+        assert_eq!(http_inspect(b"SSH-2.0-OpenSSH_9.2\r\n"), Some(None));
+        assert_eq!(http_inspect(b"*1\r\n$4\r\nPING\r\n"), Some(None), "redis protocol");
+        assert_eq!(http_inspect(b"plain text"), Some(None), "methods are upper case");
     }
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::body::ReqBody;
 use crate::cluster::{ClusterRt, Host};
+use crate::tls::{Alpn, Reason, Stream};
 
 pub(crate) type H1Sender = http1::SendRequest<ReqBody>;
 pub(crate) type H2Sender = http2::SendRequest<ReqBody>;
@@ -94,6 +95,11 @@ impl ConnectingGuard {
         let f = match e {
             ConnectError::Timeout => (io::ErrorKind::TimedOut, "connect timeout".to_string(), true),
             ConnectError::Io(e) => (e.kind(), e.to_string(), false),
+            ConnectError::Tls(r, e) => (
+                io::ErrorKind::InvalidData,
+                format!("TLS error: {}: {e}", r.name()),
+                false,
+            ),
             ConnectError::Handshake(e) => (io::ErrorKind::InvalidData, format!("HTTP/2 handshake: {e}"), false),
         };
         let _ = self.state.failure.set(f);
@@ -281,6 +287,8 @@ fn add_h2(host: u64, conn: H2Conn) {
 pub(crate) enum ConnectError {
     Timeout,
     Io(io::Error),
+    /// The TLS handshake failed.
+    Tls(Reason, io::Error),
     Handshake(hyper::Error),
 }
 
@@ -313,7 +321,7 @@ pub(crate) async fn connect_h2(
 }
 
 async fn connect_inner(cluster: &ClusterRt, host: &Arc<Host>, h2: bool) -> Result<Conn, ConnectError> {
-    let stream = connect_tcp(cluster, host).await?;
+    let stream = connect_stream(cluster, host, if h2 { Alpn::Http2 } else { Alpn::Http1 }).await?;
     let guard = ConnGuard::new(cluster, host);
     if h2 {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -353,6 +361,30 @@ async fn connect_inner(cluster: &ClusterRt, host: &Arc<Host>, h2: bool) -> Resul
             h1_live_add(id, -1);
         });
         Ok(Conn::H1 { sender, uses: 0 })
+    }
+}
+
+/// A connection to `host`: TCP, then TLS when the cluster originates it, all within the
+/// cluster's connect timeout.
+pub(crate) async fn connect_stream(cluster: &ClusterRt, host: &Host, alpn: Alpn) -> Result<Stream, ConnectError> {
+    let tcp = connect_tcp(cluster, host).await?;
+    let Some(tls) = &cluster.tls else {
+        return Ok(Stream::Plain(tcp));
+    };
+    match tokio::time::timeout(cluster.cfg.connect_timeout, tls.connect(tcp, host.addr.ip(), alpn)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err((reason, e))) => {
+            cluster.stats.upstream_cx_connect_fail.inc();
+            host.stats.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+            Err(ConnectError::Tls(reason, e))
+        }
+        Err(_) => {
+            tls.stats.failed(Reason::Timeout);
+            cluster.stats.upstream_cx_connect_fail.inc();
+            cluster.stats.upstream_cx_connect_timeout.inc();
+            host.stats.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+            Err(ConnectError::Timeout)
+        }
     }
 }
 

@@ -19,6 +19,8 @@ use crate::listener::{self, ChainFilter, ChainRt, ListenerCfg, ListenerRt};
 use crate::router::RouteTable;
 use crate::stats::{Counter, Gauge, Scope, Stats};
 use crate::tcp::TcpProxyRt;
+use crate::tls::secrets::SecretRt;
+use crate::tls::{ClientTls, SecretSet, ServerTls, SslStats};
 use crate::worker::{self, Cmd, Worker};
 
 /// Envoy's server states, as `/ready` and `server.state` report them.
@@ -83,6 +85,12 @@ pub enum StartError {
     /// The configuration refers to something that does not exist (a bug if validation passed).
     #[error("configuration: {0}")]
     Compile(String),
+    /// A certificate, key or trust bundle could not be loaded.
+    #[error("{0}")]
+    Secret(#[from] crate::tls::SecretError),
+    /// A TLS context could not be built from its secrets and parameters.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// How to run the proxy.
@@ -92,6 +100,8 @@ pub struct Options {
     pub concurrency: usize,
     /// Admin address overriding the config's.
     pub admin: Option<SocketAddr>,
+    /// How often certificate and trust-bundle files are read again for rotation (zero: never).
+    pub secret_refresh: Duration,
 }
 
 impl Default for Options {
@@ -99,6 +109,7 @@ impl Default for Options {
         Options {
             concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
             admin: None,
+            secret_refresh: Duration::from_secs(1),
         }
     }
 }
@@ -122,6 +133,8 @@ pub(crate) struct Shared {
     pub(crate) config_loaded_at: ArcSwap<SystemTime>,
     pub(crate) clusters: ArcSwap<Vec<Arc<ClusterRt>>>,
     pub(crate) listeners: ArcSwap<Vec<Arc<ListenerRt>>>,
+    /// Every loaded certificate and trust bundle (for `/certs` and the file watcher).
+    pub(crate) secrets: ArcSwap<Vec<Arc<SecretRt>>>,
     state: AtomicU8,
     healthcheck_failed: AtomicBool,
     pub(crate) quit: Notify,
@@ -198,6 +211,7 @@ struct Control {
     listeners: HashMap<String, Arc<ListenerRt>>,
     clusters: HashMap<String, Arc<ClusterRt>>,
     route_cells: HashMap<(String, String), Arc<ArcSwap<RouteTable>>>,
+    secrets: SecretSet,
     log_thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -240,6 +254,7 @@ impl Server {
             config_loaded_at: ArcSwap::from_pointee(SystemTime::now()),
             clusters: ArcSwap::from_pointee(Vec::new()),
             listeners: ArcSwap::from_pointee(Vec::new()),
+            secrets: ArcSwap::from_pointee(Vec::new()),
             state: AtomicU8::new(ServerState::PreInitializing as u8),
             healthcheck_failed: AtomicBool::new(false),
             quit: Notify::new(),
@@ -273,6 +288,7 @@ impl Server {
                 listeners: HashMap::new(),
                 clusters: HashMap::new(),
                 route_cells: HashMap::new(),
+                secrets: SecretSet::default(),
                 log_thread: Some(log_thread),
             }),
             admin_addr: admin_bound,
@@ -280,6 +296,9 @@ impl Server {
         };
         server.apply(cfg).await?;
         shared.set_state(ServerState::Live);
+        if !opts.secret_refresh.is_zero() {
+            spawn_secret_watch(&shared, opts.secret_refresh);
+        }
         let uptime = shared.clone();
         tokio::spawn(async move {
             loop {
@@ -310,14 +329,42 @@ impl Server {
         let mut ctl = self.control.lock().await;
 
         // Phase 1: build everything and bind new sockets; nothing visible changes yet.
+        // Certificates first (file reads, so on a blocking thread); unchanged ones are kept.
+        let old_secrets = std::mem::take(&mut ctl.secrets);
+        let (cfg_copy, sh) = (cfg.clone(), shared.clone());
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = SecretSet::build(&cfg_copy, &old_secrets, &sh.stats);
+            (old_secrets, r)
+        })
+        .await
+        .map_err(|e| StartError::Tls(format!("loading certificates: {e}")))?;
+        ctl.secrets = joined.0;
+        let secrets = joined.1?;
         let node = cfg.node.locality.as_ref();
         let mut clusters: HashMap<String, Arc<ClusterRt>> = HashMap::new();
         let mut checking = Vec::new();
         for c in &cfg.clusters {
+            let same_tls = |old: &ClusterRt| match (&old.tls, &c.tls) {
+                (None, None) => true,
+                (Some(o), Some(n)) => o.uses(&secrets, &n.common),
+                _ => false,
+            };
             let rt = match ctl.clusters.get(&c.name) {
-                Some(old) if old.cfg == *c && ctl.node == cfg.node => old.clone(),
+                Some(old) if old.cfg == *c && ctl.node == cfg.node && same_tls(old) => old.clone(),
                 old => {
-                    let rt = Arc::new(ClusterRt::new(c.clone(), stats, old.map(|o| o.as_ref()), node));
+                    let tls = match &c.tls {
+                        Some(t) => {
+                            let scope = Scope::tagged("cluster", "envoy_cluster_name", &c.name);
+                            let ssl = Arc::new(SslStats::new(stats, &scope));
+                            let ct = ClientTls::new(t.clone(), secrets.deps_for(&t.common), ssl)
+                                .map_err(|e| StartError::Tls(format!("cluster `{}`: tls: {e}", c.name)))?;
+                            Some(Arc::new(ct))
+                        }
+                        None => None,
+                    };
+                    // Pooled connections belong to hosts; with another transport they must not carry over.
+                    let old = old.filter(|o| o.cfg.tls == c.tls);
+                    let rt = Arc::new(ClusterRt::new(c.clone(), stats, old.map(|o| o.as_ref()), node).with_tls(tls));
                     if c.discovery == DiscoveryType::StrictDns {
                         rt.resolve().await;
                     }
@@ -346,8 +393,47 @@ impl Server {
         let mut tables_to_store = Vec::new();
         let mut pending = Vec::new();
         for l in &cfg.listeners {
+            let existing = ctl
+                .listeners
+                .get(&l.name)
+                .filter(|o| o.requested == l.address && !o.is_stopped())
+                .cloned();
+            let sockets = match existing {
+                Some(_) => None,
+                None => {
+                    let bind_err = |source: std::io::Error, hint| StartError::Bind {
+                        listener: l.name.clone(),
+                        addr: l.address,
+                        source,
+                        hint,
+                    };
+                    // SO_REUSEPORT would let us share a port with another process without a word;
+                    // make sure nobody else holds it first.
+                    if l.address.port() != 0 && !our_addrs.contains(&l.address) {
+                        std::net::TcpListener::bind(l.address)
+                            .map_err(|e| bind_err(e, " (is another process, or another Tessera, using it?)"))?;
+                    }
+                    Some(listener::bind(l.address, ctl.workers.len()).map_err(|e| bind_err(e, ""))?)
+                }
+            };
+            let bound = match (&existing, &sockets) {
+                (Some(e), _) => e.bound,
+                (None, Some(socks)) => socks.first().and_then(|s| s.local_addr().ok()).unwrap_or(l.address),
+                (None, None) => l.address,
+            };
+            let listener_scope = Scope::tagged("listener", "envoy_listener_address", &bound.to_string());
             let mut chains = Vec::with_capacity(l.filter_chains.len());
             for ch in &l.filter_chains {
+                let tls = match &ch.tls {
+                    Some(t) => {
+                        let ssl = Arc::new(SslStats::new(stats, &listener_scope));
+                        let st = ServerTls::new(t.clone(), secrets.deps_for(&t.common), ssl).map_err(|e| {
+                            StartError::Tls(format!("listener `{}` filter chain `{}`: tls: {e}", l.name, ch.name))
+                        })?;
+                        Some(Arc::new(st))
+                    }
+                    None => None,
+                };
                 let filter = match &ch.filter {
                     NetworkFilter::TcpProxy(t) => {
                         let cluster = clusters
@@ -372,36 +458,21 @@ impl Server {
                 chains.push(ChainRt {
                     name: ch.name.clone(),
                     matcher: ch.filter_chain_match.clone(),
+                    tls,
                     filter,
                 });
             }
             let lcfg = ListenerCfg {
                 chains,
-                inspect: l.needs_tls_inspection(),
+                inspect: l.needs_inspection(),
+                inspect_http: l.filter_chains.iter().any(|c| {
+                    c.filter_chain_match
+                        .application_protocols
+                        .iter()
+                        .any(|p| matches!(p.as_str(), "http/1.1" | "http/1.0" | "h2c"))
+                }),
                 inspect_timeout: l.listener_filters_timeout,
-            };
-            let existing = ctl
-                .listeners
-                .get(&l.name)
-                .filter(|o| o.requested == l.address && !o.is_stopped())
-                .cloned();
-            let sockets = match existing {
-                Some(_) => None,
-                None => {
-                    let bind_err = |source: std::io::Error, hint| StartError::Bind {
-                        listener: l.name.clone(),
-                        addr: l.address,
-                        source,
-                        hint,
-                    };
-                    // SO_REUSEPORT would let us share a port with another process without a word;
-                    // make sure nobody else holds it first.
-                    if l.address.port() != 0 && !our_addrs.contains(&l.address) {
-                        std::net::TcpListener::bind(l.address)
-                            .map_err(|e| bind_err(e, " (is another process, or another Tessera, using it?)"))?;
-                    }
-                    Some(listener::bind(l.address, ctl.workers.len()).map_err(|e| bind_err(e, ""))?)
-                }
+                continue_on_timeout: l.continue_on_listener_filters_timeout,
             };
             pending.push((l.name.clone(), l.address, lcfg, existing, sockets));
         }
@@ -447,6 +518,8 @@ impl Server {
         ctl.clusters = clusters;
         ctl.route_cells = route_cells;
         ctl.node = cfg.node.clone();
+        shared.secrets.store(Arc::new(secrets.all()));
+        ctl.secrets = secrets;
         shared.listeners.store(Arc::new(lview));
         shared.clusters.store(Arc::new(cview));
         shared.config.store(Arc::new(cfg));
@@ -552,4 +625,27 @@ impl Drop for Server {
             t.abort();
         }
     }
+}
+
+/// Reads certificate and trust-bundle files again every `every`, on a blocking thread, and swaps
+/// in what changed; TLS contexts pick the new material up on their next handshake.
+fn spawn_secret_watch(shared: &Arc<Shared>, every: Duration) {
+    let weak = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(shared) = weak.upgrade() else { return };
+            let all = shared.secrets.load_full();
+            drop(shared);
+            if all.is_empty() {
+                continue;
+            }
+            let _ = tokio::task::spawn_blocking(move || {
+                for s in all.iter() {
+                    let _ = s.refresh();
+                }
+            })
+            .await;
+        }
+    });
 }

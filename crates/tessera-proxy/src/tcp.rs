@@ -1,20 +1,20 @@
 //! The TCP proxy: both directions, half-close, connect and idle timeouts, byte counters.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tessera_model as model;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::access_log::{LogRecord, LogSink, LogSpec};
 use crate::cluster::ClusterRt;
 use crate::flags::ResponseFlags;
-use crate::pool::{ConnGuard, ConnectError, connect_tcp};
+use crate::listener::Accepted;
+use crate::pool::{ConnGuard, ConnectError, connect_stream};
 use crate::stats::{Counter, Gauge, Scope, Stats};
+use crate::tls::{Alpn, Stream};
 
 /// Bytes read per system call, per direction.
 const BUF: usize = 32 * 1024;
@@ -59,14 +59,14 @@ impl TcpProxyRt {
 }
 
 /// Proxies one downstream connection to the cluster until both sides are done.
-pub(crate) async fn proxy(
-    down: TcpStream,
-    t: Arc<TcpProxyRt>,
-    sink: Option<LogSink>,
-    remote: SocketAddr,
-    local: SocketAddr,
-    id: u64,
-) {
+pub(crate) async fn proxy(conn: Accepted, t: Arc<TcpProxyRt>, sink: Option<LogSink>) {
+    let Accepted {
+        stream: down,
+        tls,
+        remote,
+        local,
+        id,
+    } = conn;
     let s = &t.stats;
     s.downstream_cx_total.inc();
     s.downstream_cx_active.inc();
@@ -77,6 +77,7 @@ pub(crate) async fn proxy(
         .map(|spec| Box::new(LogRecord::new(spec, remote, local, id)));
     if let Some(l) = log.as_mut() {
         l.upstream_cluster = Some(t.cluster.name().to_string());
+        l.tls = tls;
     }
     let outcome = async {
         let Some(host) = t.cluster.pick(&crate::cluster::PickContext::default()) else {
@@ -87,16 +88,20 @@ pub(crate) async fn proxy(
         if let Some(l) = log.as_mut() {
             l.upstream_host = Some(host.addr);
         }
-        let up = match connect_tcp(&t.cluster, &host).await {
+        let up = match connect_stream(&t.cluster, &host, Alpn::Configured).await {
             Ok(up) => up,
             Err(e) => {
                 s.upstream_connect_fail.inc();
                 let why = match e {
                     ConnectError::Timeout => "connect timeout".to_string(),
                     ConnectError::Io(e) => e.to_string(),
+                    ConnectError::Tls(r, e) => format!("TLS error ({}): {e}", r.name()),
                     ConnectError::Handshake(e) => e.to_string(),
                 };
                 tracing::debug!(%remote, upstream = %host.addr, error = %why, "upstream connect failed; closing");
+                if let Some(l) = log.as_mut() {
+                    l.upstream_failure = Some(why);
+                }
                 return (ResponseFlags::UPSTREAM_CONNECTION_FAILURE, 0, 0);
             }
         };
@@ -148,13 +153,14 @@ struct Counters<'a> {
 /// Copies both ways. When one side finishes sending, its FIN is passed on and the other
 /// direction goes on (half-close). An error on either side ends both. Returns the bytes each way
 /// and whether the idle timeout ended it.
-async fn relay(mut down: TcpStream, mut up: TcpStream, idle: Option<Duration>, c: &Counters<'_>) -> (u64, u64, bool) {
+async fn relay(down: Stream, up: Stream, idle: Option<Duration>, c: &Counters<'_>) -> (u64, u64, bool) {
     let base = Instant::now();
     let last = AtomicU64::new(0);
     let rx = AtomicU64::new(0);
     let tx = AtomicU64::new(0);
-    let (mut dr, mut dw) = down.split();
-    let (mut ur, mut uw) = up.split();
+    // Both halves are polled by this one task, so the split's lock is never contended.
+    let (mut dr, mut dw) = tokio::io::split(down);
+    let (mut ur, mut uw) = tokio::io::split(up);
     let both = async {
         tokio::try_join!(
             pump(&mut dr, &mut uw, &last, base, &rx, &c.rx),

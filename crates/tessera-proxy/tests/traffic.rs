@@ -776,10 +776,18 @@ async fn a_host_killed_under_load_costs_no_idempotent_request() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Load first (by count, not time: a busy machine runs fewer requests a second).
+    eventually(Duration::from_secs(20), "load before the kill", || {
+        done.load(Ordering::Relaxed) > 50
+    })
+    .await;
     let before_kill = done.load(Ordering::Relaxed);
     backs[1].kill();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    eventually(Duration::from_secs(20), "load after the kill", || {
+        done.load(Ordering::Relaxed) > before_kill + 100
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();

@@ -124,12 +124,24 @@ fn check(files: &[PathBuf]) -> ExitCode {
     let mut bad = false;
     for f in files {
         match Config::load(f) {
-            Ok(cfg) => println!(
-                "{}: OK ({} listeners, {} clusters)",
-                f.display(),
-                cfg.listeners.len(),
-                cfg.clusters.len()
-            ),
+            Ok(cfg) => {
+                // The files the config names (certificates, keys, CAs) must load too.
+                let tls_errors = tessera_proxy::check_tls(&cfg);
+                if tls_errors.is_empty() {
+                    println!(
+                        "{}: OK ({} listeners, {} clusters, {} secrets)",
+                        f.display(),
+                        cfg.listeners.len(),
+                        cfg.clusters.len(),
+                        cfg.secrets.len()
+                    );
+                } else {
+                    bad = true;
+                    for e in tls_errors {
+                        println!("{e}");
+                    }
+                }
+            }
             Err(e) => {
                 bad = true;
                 println!("{e}");
@@ -160,6 +172,7 @@ async fn sidecar(
         opts.concurrency = n;
     }
     opts.admin = admin;
+    opts.secret_refresh = watch_interval;
     let server = Server::start(cfg, opts).await.context("cannot start the sidecar")?;
     announce(&server, &path);
     let reason = run_until_stop(&server, &path, (!watch_interval.is_zero()).then_some(watch_interval)).await?;
@@ -264,7 +277,7 @@ async fn up(file: PathBuf) -> anyhow::Result<()> {
         let cfg = load(&sc.config).await?;
         let opts = Options {
             concurrency: sc.concurrency,
-            admin: None,
+            ..Options::default()
         };
         let server = Server::start(cfg, opts)
             .await

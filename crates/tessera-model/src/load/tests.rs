@@ -1,4 +1,5 @@
 use super::*;
+use crate::tls::*;
 use crate::traffic::*;
 
 fn load(src: &str) -> Result<Config, Vec<ConfigError>> {
@@ -505,5 +506,165 @@ fn traffic_management_errors_are_precise() {
         "request_mirror_policies[0].cluster: unknown cluster `nowhere`",
     ] {
         assert!(joined.contains(needle), "missing {needle:?} in:\n{joined}");
+    }
+}
+
+const TLS: &str = r#"
+secrets:
+- name: default
+  tls_certificate: { certificate_chain: { filename: certs/cert.pem }, private_key: certs/key.pem }
+- name: ROOTCA
+  validation_context: { trusted_ca: /etc/ca.pem }
+listeners:
+- name: inbound
+  address: 127.0.0.1:15006
+  filter_chains:
+  - filter_chain_match: { transport_protocol: tls }
+    tls:
+      tls_certificate_sds_secret_configs: [default, { name: default }]
+      validation_context_sds_secret_config: ROOTCA
+      validation_context:
+        match_subject_alt_names: [{ prefix: "spiffe://cluster.local/" }]
+        match_typed_subject_alt_names: [{ san_type: URI, matcher: { exact: "spiffe://td/ns/a/sa/b" } }]
+      require_client_certificate: true
+      alpn_protocols: [istio-peer-exchange, h2]
+      tls_params:
+        tls_minimum_protocol_version: TLSv1_1
+        cipher_suites: ["[ECDHE-ECDSA-AES128-GCM-SHA256|ECDHE-ECDSA-CHACHA20-POLY1305]", TLS13_AES_256_GCM_SHA384]
+        ecdh_curves: [X25519, prime256v1]
+    http:
+      forward_client_cert_details: APPEND_FORWARD
+      set_current_client_cert_details: { subject: true, uri: true, dns: true }
+      route_config: { virtual_hosts: [{ name: a, domains: ["*"], routes: [{ match: { prefix: / }, route: { cluster: app } }] }] }
+clusters:
+- name: app
+  endpoints: ["127.0.0.1:8080"]
+  tls:
+    sni: app.default.svc
+    tls_certificate_sds_secret_configs: [default]
+    validation_context:
+      trusted_ca: { inline_string: "-----BEGIN CERTIFICATE-----" }
+"#;
+
+#[test]
+fn tls_contexts_and_secrets_decode() {
+    let cfg = Config::from_yaml(TLS, "/etc/tessera/mesh.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.secrets.len(), 2);
+    match &cfg.secrets[0].kind {
+        SecretKind::TlsCertificate(c) => {
+            assert_eq!(
+                c.certificate_chain,
+                DataSource::Filename("/etc/tessera/certs/cert.pem".into()),
+                "relative to the config file"
+            );
+            assert_eq!(
+                c.private_key.0,
+                DataSource::Filename("/etc/tessera/certs/key.pem".into())
+            );
+            assert_eq!(c.at.line, 4);
+            assert_eq!(c.at.field, "secrets[0].tls_certificate");
+        }
+        other => panic!("{other:?}"),
+    }
+    let chain = &cfg.listeners[0].filter_chains[0];
+    let t = chain.tls.as_ref().unwrap();
+    assert_eq!(t.common.tls_certificate_sds_secret_configs, ["default", "default"]);
+    let v = t.common.validation.as_ref().unwrap();
+    assert_eq!(v.trusted_ca_secret.as_deref(), Some("ROOTCA"));
+    assert_eq!(v.match_subject_alt_names.len(), 2);
+    assert_eq!(v.match_subject_alt_names[0].san_type, None);
+    assert_eq!(v.match_subject_alt_names[1].san_type, Some(SanType::Uri));
+    assert!(t.require_client_certificate);
+    assert_eq!(t.common.alpn_protocols, ["istio-peer-exchange", "h2"]);
+    let p = &t.common.tls_params;
+    assert_eq!(
+        p.tls_minimum_protocol_version,
+        TlsVersion::Tls12,
+        "1.1 means the oldest we have"
+    );
+    assert_eq!(
+        p.cipher_suites,
+        [
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+            "TLS13_AES_256_GCM_SHA384"
+        ]
+    );
+    assert_eq!(p.ecdh_curves, ["X25519", "P-256"]);
+    assert_eq!(t.handshake_timeout, Duration::from_secs(10));
+    let NetworkFilter::Http(h) = &chain.filter else {
+        panic!()
+    };
+    assert_eq!(h.forward_client_cert_details, ForwardClientCert::AppendForward);
+    assert!(h.set_current_client_cert_details.uri && !h.set_current_client_cert_details.cert);
+    let up = cfg.clusters[0].tls.as_ref().unwrap();
+    assert_eq!(up.sni.as_deref(), Some("app.default.svc"));
+    assert!(matches!(
+        up.common
+            .validation
+            .as_ref()
+            .unwrap()
+            .trusted_ca
+            .as_ref()
+            .unwrap()
+            .trusted_ca,
+        DataSource::InlineString(_)
+    ));
+    // Inline keys never reach /config_dump.
+    let dump = serde_json::to_string(&cfg).unwrap();
+    assert!(dump.contains("\"filename\":\"/etc/tessera/certs/key.pem\""), "{dump}");
+}
+
+#[test]
+fn tls_mistakes_are_named() {
+    let errs = errors(
+        r#"
+secrets:
+- name: ca
+  validation_context: { trusted_ca: ca.pem }
+- name: ca
+  tls_certificate: { certificate_chain: "", private_key: k.pem }
+listeners:
+- name: l
+  address: 127.0.0.1:1
+  filter_chains:
+  - tls:
+      tls_certificate_sds_secret_configs: [ca, nope]
+      require_client_certificate: true
+      tls_params: { tls_maximum_protocol_version: TLSv1_1, cipher_suites: [AES128-SHA] }
+      handshake_timeout: 0s
+    tcp_proxy: { cluster: c }
+  - filter_chain_match: { destination_port: 1 }
+    tls: { alpn_protocols: [h2] }
+    tcp_proxy: { cluster: c }
+clusters:
+- name: c
+  endpoints: ["127.0.0.1:2"]
+  tls:
+    validation_context: { match_subject_alt_names: [{ exact: x }] }
+    tls_certificates:
+    - { certificate_chain: a.pem, private_key: a.key }
+    - { certificate_chain: b.pem, private_key: b.key, password: secret }
+"#,
+    );
+    let want = [
+        "test.yaml:6:41: secrets[1].tls_certificate.certificate_chain: the file name is empty",
+        "test.yaml:12:44: listeners[0].filter_chains[0].tls.tls_certificate_sds_secret_configs[0]: secret `ca` is a validation_context, not a tls_certificate",
+        "listeners[0].filter_chains[0].tls.tls_certificate_sds_secret_configs[1]: unknown secret `nope` (no tls_certificate secrets are defined under `secrets`)",
+        "listeners[0].filter_chains[0].tls.tls_params.tls_maximum_protocol_version: TLS 1.0 and 1.1 are not supported",
+        "cipher suite `AES128-SHA` is not supported",
+        "listeners[0].filter_chains[0].tls.require_client_certificate: requiring client certificates needs a trust bundle",
+        "listeners[0].filter_chains[0].tls.handshake_timeout: must be above zero",
+        "listeners[0].filter_chains[1].tls: terminating TLS needs a certificate",
+        "clusters[0].tls: a cluster presents at most one client certificate",
+        "clusters[0].tls.validation_context: matching server SANs needs a trust bundle",
+        "clusters[0].tls.tls_certificates[1].password: encrypted private keys are not supported",
+    ];
+    for w in want {
+        assert!(
+            errs.iter().any(|e| e.contains(w)),
+            "missing {w:?} in:\n{}",
+            errs.join("\n")
+        );
     }
 }

@@ -216,6 +216,14 @@ fn failure_reply(fail: &Fail) -> (String, ResponseFlags, &'static str) {
             ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
             "upstream_reset_before_response_started{connection_failure}",
         ),
+        Fail::Connect(ConnectError::Tls(r, e)) => (
+            format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: TLS error: {}: {e}",
+                r.name()
+            ),
+            ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            "upstream_reset_before_response_started{connection_failure,TLS_error}",
+        ),
         Fail::Connect(ConnectError::Handshake(e)) => (
             format!(
                 "upstream connect error or disconnect/reset before headers. reset reason: protocol error, transport failure reason: {e}"
@@ -225,7 +233,8 @@ fn failure_reply(fail: &Fail) -> (String, ResponseFlags, &'static str) {
         ),
         Fail::Reset(e) => (
             format!(
-                "upstream connect error or disconnect/reset before headers. reset reason: connection termination ({e})"
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination ({})",
+                crate::util::error_chain(e)
             ),
             ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
             "upstream_reset_before_response_started{connection_termination}",
@@ -491,8 +500,13 @@ pub(super) async fn forward(
             }
             Outcome2::Sent(Err(fail)) => {
                 outlier::record(&cluster, &host, Outcome::LocalFailure);
-                if let Fail::Reset(_) = &fail {
+                if let Fail::Reset(e) = &fail {
                     cluster.stats.upstream_rq_rx_reset.inc();
+                    // With TLS 1.3 a server refuses our client certificate only after the client's
+                    // side of the handshake is done, so the refusal arrives as a reset: count it.
+                    if let (Some(tls), Some(reason)) = (&cluster.tls, crate::tls::tls_reason(e)) {
+                        tls.stats.failed(reason);
+                    }
                 }
                 if retry.is_some_and(|r| retry::retry_failure(r, fail.failure(), idempotent)) && may_retry(&st) {
                     st.upstream_failed(false);
@@ -506,6 +520,9 @@ pub(super) async fn forward(
                 }
                 st.upstream_failed(false);
                 let (text, mut flag, details) = failure_reply(&fail);
+                if let (Fail::Connect(_), Some(l)) = (&fail, st.log()) {
+                    l.upstream_failure = text.split("transport failure reason: ").nth(1).map(str::to_string);
+                }
                 if retries > 0 {
                     flag.insert(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
                 }

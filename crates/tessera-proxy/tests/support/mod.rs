@@ -138,6 +138,7 @@ pub async fn proxy_with(yaml: &str, concurrency: usize) -> Server {
         Options {
             concurrency,
             admin: Some("127.0.0.1:0".parse().unwrap()),
+            secret_refresh: std::time::Duration::from_millis(50),
         },
     )
     .await

@@ -64,6 +64,8 @@ impl Drop for TempDir {
 pub struct Proc {
     pub child: Child,
     pub log: Arc<Mutex<String>>,
+    /// The threads copying stdout and stderr into `log`; they end when the process's pipes close.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -74,6 +76,7 @@ impl Proc {
             .spawn()
             .expect("spawn");
         let log = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
         for stream in [
             child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
             child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
@@ -82,15 +85,15 @@ impl Proc {
         .flatten()
         {
             let log = log.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     let mut l = log.lock().unwrap();
                     l.push_str(&line);
                     l.push('\n');
                 }
-            });
+            }));
         }
-        Proc { child, log }
+        Proc { child, log, readers }
     }
 
     pub fn tessera(args: &[&str]) -> Proc {
@@ -120,6 +123,10 @@ impl Proc {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
+                // Everything the process wrote is in the log once its pipes are drained.
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
                 return s;
             }
             if Instant::now() > deadline {
@@ -267,4 +274,101 @@ clusters:
   endpoints: ["{upstream}"]
 "#
     )
+}
+
+/// Certificates made with the `openssl` command-line tool (a peer we did not write): an ECDSA
+/// P-256 CA and leaves signed by it, as PEM files in a directory.
+pub struct Pki {
+    pub dir: TempDir,
+    pub ca: PathBuf,
+    ca_key: PathBuf,
+}
+
+impl Pki {
+    pub fn new(tag: &str) -> Pki {
+        let dir = TempDir::new(tag);
+        let (ca, ca_key) = (dir.path("ca.pem"), dir.path("ca.key"));
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            ca_key.to_str().unwrap(),
+            "-out",
+            ca.to_str().unwrap(),
+            "-days",
+            "30",
+            "-subj",
+            "/CN=tessera-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        Pki { dir, ca, ca_key }
+    }
+
+    /// A leaf `name` with subject CN=`cn` and `sans` (`DNS:a.test,URI:spiffe://...`), valid for
+    /// server and client use. Returns (certificate, key).
+    pub fn issue(&self, name: &str, cn: &str, sans: &str) -> (PathBuf, PathBuf) {
+        let (cert, key, csr) = (
+            self.dir.path(&format!("{name}.pem")),
+            self.dir.path(&format!("{name}.key")),
+            self.dir.path(&format!("{name}.csr")),
+        );
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            csr.to_str().unwrap(),
+            "-subj",
+            &format!("/CN={cn}"),
+        ]);
+        let ext = self.dir.write(
+            &format!("{name}.ext"),
+            &format!(
+                "subjectAltName={sans}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n"
+            ),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().unwrap(),
+            "-CA",
+            self.ca.to_str().unwrap(),
+            "-CAkey",
+            self.ca_key.to_str().unwrap(),
+            "-CAcreateserial",
+            "-out",
+            cert.to_str().unwrap(),
+            "-days",
+            "30",
+            "-extfile",
+            ext.to_str().unwrap(),
+        ]);
+        (cert, key)
+    }
+}
+
+/// Runs the openssl CLI, panicking with its output on failure.
+pub fn openssl(args: &[&str]) -> Output {
+    let bin = tool("openssl", "apt-get install -y openssl");
+    let out = Command::new(bin).args(args).stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }

@@ -2,6 +2,9 @@
 
   grpc_peer.py serve          start a server on 127.0.0.1:<free port>, print the port, serve
   grpc_peer.py call TARGET    call every method through TARGET, print the results as JSON
+  grpc_peer.py call TARGET --tls CA NAME [CERT KEY]
+                              the same over TLS: trust CA, expect the server to be NAME (also the
+                              SNI), and present CERT/KEY for mutual TLS when given
 
 The server also runs grpcio's own grpc.health.v1 service (package grpcio-health-checking) and
 reads commands on stdin: `down` sets tessera.test.Echo to NOT_SERVING, `up` to SERVING.
@@ -42,7 +45,8 @@ def fail(req, ctx):
 
 def metadata(req, ctx):
     md = dict(ctx.invocation_metadata())
-    return json.dumps({k: md.get(k) for k in ("x-client", "x-forwarded-for", "x-request-id")}).encode()
+    keys = ("x-client", "x-forwarded-for", "x-request-id", "x-forwarded-client-cert", "x-forwarded-proto")
+    return json.dumps({k: md.get(k) for k in keys}).encode()
 
 
 def serve():
@@ -74,8 +78,16 @@ def serve():
     server.wait_for_termination()
 
 
-def call(target):
-    ch = grpc.insecure_channel(target)
+def call(target, tls=None):
+    if tls:
+        read = lambda p: open(p, "rb").read()
+        ca, name = tls[0], tls[1]
+        key = read(tls[3]) if len(tls) > 3 else None
+        chain = read(tls[2]) if len(tls) > 3 else None
+        creds = grpc.ssl_channel_credentials(read(ca), key, chain)
+        ch = grpc.secure_channel(target, creds, options=(("grpc.ssl_target_name_override", name),))
+    else:
+        ch = grpc.insecure_channel(target)
     m = lambda name: "/%s/%s" % (SERVICE, name)
     out = {}
     resp, c = ch.unary_unary(m("Unary")).with_call(b"hi", timeout=10)
@@ -104,4 +116,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve()
     else:
-        call(sys.argv[2])
+        call(sys.argv[2], sys.argv[4:] if len(sys.argv) > 3 and sys.argv[3] == "--tls" else None)
