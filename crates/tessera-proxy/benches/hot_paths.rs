@@ -7,7 +7,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
 use tessera_model::Config;
 use tessera_proxy::testing::{
-    Picker, Routes, client_hello, inspect, retry_breaker_allows, retry_decision, strip_hop_by_hop,
+    Picker, Routes, client_hello, inspect, peer_identity, retry_breaker_allows, retry_decision, strip_hop_by_hop,
 };
 
 fn routes(n: usize) -> Routes {
@@ -124,12 +124,26 @@ fn bench_tls_inspect(c: &mut Criterion) {
     });
 }
 
+fn bench_peer_identity(c: &mut Criterion) {
+    // A workload certificate as Istio issues them: a SPIFFE URI SAN and a DNS SAN, ECDSA P-256.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["reviews.shop.svc.cluster.local".to_string()]).unwrap();
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/shop/sa/reviews".try_into().unwrap(),
+    ));
+    let der = p.self_signed(&key).unwrap().der().to_vec();
+    c.bench_function("tls/peer_identity_and_fingerprint", |b| {
+        b.iter(|| black_box(peer_identity(black_box(&der))))
+    });
+}
+
 criterion_group!(
     benches,
     bench_routing,
     bench_headers,
     bench_lb,
     bench_breakers,
-    bench_tls_inspect
+    bench_tls_inspect,
+    bench_peer_identity
 );
 criterion_main!(benches);

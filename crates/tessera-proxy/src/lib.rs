@@ -68,6 +68,14 @@ pub mod testing {
         }
     }
 
+    /// The identity a peer certificate (DER) gives a connection: SPIFFE URI SAN, else DNS SAN,
+    /// else subject; plus its SHA-256 fingerprint. What every mutual-TLS handshake computes.
+    pub fn peer_identity(der: &[u8]) -> Option<(String, String)> {
+        let info = crate::tls::x509::parse(der).ok()?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        Some((info.principal().to_string(), crate::tls::x509::hex(digest.as_ref())))
+    }
+
     /// The clusters and route table of the first HTTP chain of `cfg`, compiled as the proxy does.
     pub struct Routes {
         table: RouteTable,
