@@ -207,6 +207,30 @@ listeners:
     )
 }
 
+/// A proxy with `workers` workers terminating TLS with one certificate for `names` (issued by a
+/// fresh CA, written to `server.pem`/`server.key`; `extra` adds lines to the `tls` block) in
+/// front of backend `app`.
+struct Site {
+    p: tessera_proxy::Server,
+    be: Backend,
+    dir: Dir,
+    ca: Ca,
+    cert: String,
+}
+
+async fn site(tag: &str, names: &[&str], extra: &str, workers: usize) -> Site {
+    let be = backend("app").await;
+    let dir = Dir::new(tag);
+    let ca = Ca::new("ca");
+    let (cert, key) = ca.issue(names, &[], false).write(&dir, "server");
+    let yaml = tls_listener(
+        &format!("      tls_certificates: [{{ certificate_chain: \"{cert}\", private_key: \"{key}\" }}]\n{extra}"),
+        "app",
+    ) + &format!("clusters: [{{ name: app, endpoints: [\"{}\"] }}]\n", be.addr);
+    let p = proxy_with(&yaml, workers).await;
+    Site { p, be, dir, ca, cert }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminates_tls_choosing_the_certificate_by_sni_and_negotiating_h2() {
     let be = backend("app").await;
@@ -360,15 +384,7 @@ async fn mutual_tls_accepts_only_trusted_unexpired_matching_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spoofed_xfcc_header_is_removed_from_plain_clients() {
-    let be = backend("app").await;
-    let dir = Dir::new("xfcc");
-    let ca = Ca::new("ca");
-    let (cert, key) = ca.issue(&["app.local"], &[], false).write(&dir, "server");
-    let yaml = tls_listener(
-        &format!(r#"      tls_certificates: [{{ certificate_chain: "{cert}", private_key: "{key}" }}]"#),
-        "app",
-    ) + &format!("clusters: [{{ name: app, endpoints: [\"{}\"] }}]\n", be.addr);
-    let p = proxy(&yaml).await;
+    let Site { p, be, ca, .. } = site("xfcc", &["app.local"], "", 2).await;
     let s = handshake(listener(&p), client_config(&ca, None, &[]), "app.local")
         .await
         .unwrap();
@@ -524,17 +540,7 @@ async fn two_sidecars_talk_mutual_tls_with_plaintext_applications() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_certificate_rotates_under_load_without_a_failed_request() {
-    let be = backend("app").await;
-    let dir = Dir::new("rotate");
-    let ca = Ca::new("ca");
-    let (cert, key) = ca
-        .issue(&["v1.app.local", "app.local"], &[], false)
-        .write(&dir, "server");
-    let yaml = tls_listener(
-        &format!(r#"      tls_certificates: [{{ certificate_chain: "{cert}", private_key: "{key}" }}]"#),
-        "app",
-    ) + &format!("clusters: [{{ name: app, endpoints: [\"{}\"] }}]\n", be.addr);
-    let p = proxy(&yaml).await;
+    let Site { p, dir, ca, .. } = site("rotate", &["v1.app.local", "app.local"], "", 2).await;
     let addr = listener(&p);
     let cfg = client_config(&ca, None, &["http/1.1"]);
 
@@ -602,15 +608,7 @@ async fn the_server_certificate_rotates_under_load_without_a_failed_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_rotation_keeps_the_old_certificate_and_says_why() {
-    let be = backend("app").await;
-    let dir = Dir::new("badrot");
-    let ca = Ca::new("ca");
-    let (cert, key) = ca.issue(&["app.local"], &[], false).write(&dir, "server");
-    let yaml = tls_listener(
-        &format!(r#"      tls_certificates: [{{ certificate_chain: "{cert}", private_key: "{key}" }}]"#),
-        "app",
-    ) + &format!("clusters: [{{ name: app, endpoints: [\"{}\"] }}]\n", be.addr);
-    let p = proxy(&yaml).await;
+    let Site { p, dir, ca, cert, .. } = site("badrot", &["app.local"], "", 2).await;
     // A key that does not belong to the certificate.
     dir.write("server.key", &KeyPair::generate().unwrap().serialize_pem());
     eventually(Duration::from_secs(5), "rotation rejected", || {
@@ -728,19 +726,8 @@ clusters:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_parameters_limit_versions_and_a_silent_client_times_out() {
-    let be = backend("app").await;
-    let dir = Dir::new("params");
-    let ca = Ca::new("ca");
-    let (cert, key) = ca.issue(&["app.local"], &[], false).write(&dir, "server");
-    let yaml = tls_listener(
-        &format!(
-            r#"      tls_certificates: [{{ certificate_chain: "{cert}", private_key: "{key}" }}]
-      tls_params: {{ tls_minimum_protocol_version: TLSv1_3 }}
-      handshake_timeout: 300ms"#
-        ),
-        "app",
-    ) + &format!("clusters: [{{ name: app, endpoints: [\"{}\"] }}]\n", be.addr);
-    let p = proxy(&yaml).await;
+    let extra = "      tls_params: { tls_minimum_protocol_version: TLSv1_3 }\n      handshake_timeout: 300ms";
+    let Site { p, ca, .. } = site("params", &["app.local"], extra, 2).await;
     let addr = listener(&p);
     // A TLS 1.2-only client.
     let mut roots = rustls::RootCertStore::empty();
@@ -834,20 +821,11 @@ clusters:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_resume_unless_resumption_is_turned_off() {
-    let be = backend("app").await;
-    let dir = Dir::new("resume");
-    let ca = Ca::new("ca");
-    let (cert, key) = ca.issue(&["app.local"], &[], false).write(&dir, "server");
     for (off, want_resumed) in [("false", true), ("true", false)] {
-        let yaml = tls_listener(
-            &format!(
-                r#"      tls_certificates: [{{ certificate_chain: "{cert}", private_key: "{key}" }}]
-      disable_stateless_session_resumption: {off}
-      disable_stateful_session_resumption: {off}"#
-            ),
-            "app",
-        ) + &format!("clusters: [{{ name: app, endpoints: [\"{}\"] }}]\n", be.addr);
-        let p = proxy_with(&yaml, 1).await;
+        let extra = format!(
+            "      disable_stateless_session_resumption: {off}\n      disable_stateful_session_resumption: {off}"
+        );
+        let Site { p, ca, .. } = site("resume", &["app.local"], &extra, 1).await;
         let addr = listener(&p);
         // A client that keeps sessions, as browsers and most TLS clients do.
         let mut cfg = (*client_config(&ca, None, &["http/1.1"])).clone();

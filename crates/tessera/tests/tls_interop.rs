@@ -286,24 +286,20 @@ fn s_server(cert: &Path, key: &Path, verify_ca: Option<&Path>) -> (Proc, SocketA
     (proc, addr)
 }
 
-#[test]
-fn the_sidecar_originates_tls_and_mutual_tls_to_openssl_s_server() {
-    let pki = Pki::new("tls-origin");
-    let (srv, srv_key) = pki.issue("upstream", "upstream.test", "DNS:upstream.test");
-    let (cli, cli_key) = pki.issue("sidecar", "sidecar", "URI:spiffe://cluster.local/ns/default/sa/sidecar");
-    for mutual in [false, true] {
-        let (_s, upstream) = s_server(&srv, &srv_key, mutual.then_some(pki.ca.as_path()));
-        let client_cert = if mutual {
+/// A sidecar whose cluster `upstream` originates TLS to `upstream` (SNI upstream.test, trusting
+/// `ca`, pinning the DNS SAN), presenting `client` when given.
+fn origin_sidecar(pki: &Pki, upstream: SocketAddr, client: Option<(&Path, &Path)>) -> (Proc, SocketAddr, SocketAddr) {
+    let client_cert = client
+        .map(|(c, k)| {
             format!(
                 "    tls_certificates: [{{ certificate_chain: \"{}\", private_key: \"{}\" }}]\n",
-                p(&cli),
-                p(&cli_key)
+                p(c),
+                p(k)
             )
-        } else {
-            String::new()
-        };
-        let cfg = format!(
-            r#"admin: {{ address: "127.0.0.1:0" }}
+        })
+        .unwrap_or_default();
+    let cfg = format!(
+        r#"admin: {{ address: "127.0.0.1:0" }}
 listeners:
 - name: http
   address: 127.0.0.1:0
@@ -321,11 +317,23 @@ clusters:
       trusted_ca: "{}"
       match_typed_subject_alt_names: [{{ san_type: DNS, matcher: {{ exact: upstream.test }} }}]
 "#,
-            p(&pki.ca)
-        );
-        let f = pki.dir.write("origin.yaml", &cfg);
-        let (_side, addr, admin) = start_sidecar(&f, &[]);
-        wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
+        p(&pki.ca)
+    );
+    let f = pki.dir.write(&format!("origin-{}.yaml", upstream.port()), &cfg);
+    let (side, addr, admin) = start_sidecar(&f, &[]);
+    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
+    (side, addr, admin)
+}
+
+#[test]
+fn the_sidecar_originates_tls_and_mutual_tls_to_openssl_s_server() {
+    let pki = Pki::new("tls-origin");
+    let (srv, srv_key) = pki.issue("upstream", "upstream.test", "DNS:upstream.test");
+    let (cli, cli_key) = pki.issue("sidecar", "sidecar", "URI:spiffe://cluster.local/ns/default/sa/sidecar");
+    for mutual in [false, true] {
+        let (_s, upstream) = s_server(&srv, &srv_key, mutual.then_some(pki.ca.as_path()));
+        let client = mutual.then_some((cli.as_path(), cli_key.as_path()));
+        let (_side, addr, admin) = origin_sidecar(&pki, upstream, client);
         let out = curl_ok(&["-w", "\n%{http_code}", &format!("http://{addr}/")]);
         assert!(out.ends_with("\n200"), "mutual={mutual}: {out}");
         assert!(
@@ -342,26 +350,7 @@ clusters:
 
     // Without the client certificate, s_server (which demands one) refuses us: 503 UF, counted.
     let (_s, upstream) = s_server(&srv, &srv_key, Some(pki.ca.as_path()));
-    let cfg = format!(
-        r#"admin: {{ address: "127.0.0.1:0" }}
-listeners:
-- name: http
-  address: 127.0.0.1:0
-  filter_chains:
-  - http:
-      route_config:
-        virtual_hosts:
-        - {{ name: all, domains: ["*"], routes: [{{ match: {{ prefix: / }}, route: {{ cluster: upstream }} }}] }}
-clusters:
-- name: upstream
-  endpoints: ["{upstream}"]
-  tls: {{ sni: upstream.test, validation_context: {{ trusted_ca: "{}" }} }}
-"#,
-        p(&pki.ca)
-    );
-    let f = pki.dir.write("nocert.yaml", &cfg);
-    let (_side, addr, admin) = start_sidecar(&f, &[]);
-    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
+    let (_side, addr, admin) = origin_sidecar(&pki, upstream, None);
     let out = curl_ok(&["-w", "\n%{http_code}", &format!("http://{addr}/")]);
     assert!(out.ends_with("\n503"), "{out}");
     // TLS 1.3: the refusal comes as an alert after our side of the handshake, so as a reset.

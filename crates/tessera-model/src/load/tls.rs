@@ -462,6 +462,20 @@ fn common(ctx: &mut Ctx, o: &mut Obj<'_>, secrets: &SecretNames) -> CommonTls {
     }
 }
 
+/// SAN matchers without a trust bundle would check names anyone can put in a certificate.
+fn require_ca_for_sans(ctx: &mut Ctx, o: &Obj<'_>, common: &CommonTls, peer: &str) {
+    if let Some(v) = &common.validation
+        && !v.has_ca()
+        && !v.match_subject_alt_names.is_empty()
+    {
+        ctx.error(
+            o.mark,
+            &o.path.field("validation_context"),
+            format!("matching {peer} SANs needs a trust bundle (`trusted_ca`); an unverified SAN proves nothing"),
+        );
+    }
+}
+
 /// A filter chain's `tls` block.
 pub(super) fn downstream(ctx: &mut Ctx, n: &Node, p: &Path, secrets: &SecretNames) -> Option<DownstreamTls> {
     let mut o = Obj::open(ctx, n, p)?;
@@ -477,6 +491,7 @@ pub(super) fn downstream(ctx: &mut Ctx, n: &Node, p: &Path, secrets: &SecretName
             "terminating TLS needs a certificate: `tls_certificates` or `tls_certificate_sds_secret_configs`",
         );
     }
+    require_ca_for_sans(ctx, &o, &common, "client");
     let has_ca = common.validation.as_ref().is_some_and(Validation::has_ca);
     if require_client_certificate && !has_ca {
         ctx.error(
@@ -484,16 +499,6 @@ pub(super) fn downstream(ctx: &mut Ctx, n: &Node, p: &Path, secrets: &SecretName
             &o.path.field("require_client_certificate"),
             "requiring client certificates needs a trust bundle to check them against \
              (`validation_context.trusted_ca` or `validation_context_sds_secret_config`)",
-        );
-    }
-    if let Some(v) = &common.validation
-        && !v.has_ca()
-        && !v.match_subject_alt_names.is_empty()
-    {
-        ctx.error(
-            o.mark,
-            &o.path.field("validation_context"),
-            "matching client SANs needs a trust bundle (`trusted_ca`); an unverified SAN proves nothing",
         );
     }
     if handshake_timeout.is_zero() {
@@ -517,16 +522,7 @@ pub(super) fn upstream(ctx: &mut Ctx, n: &Node, p: &Path, secrets: &SecretNames)
     if common.tls_certificates.len() + common.tls_certificate_sds_secret_configs.len() > 1 {
         ctx.error(o.mark, &o.path, "a cluster presents at most one client certificate");
     }
-    if let Some(v) = &common.validation
-        && !v.has_ca()
-        && !v.match_subject_alt_names.is_empty()
-    {
-        ctx.error(
-            o.mark,
-            &o.path.field("validation_context"),
-            "matching server SANs needs a trust bundle (`trusted_ca`); an unverified SAN proves nothing",
-        );
-    }
+    require_ca_for_sans(ctx, &o, &common, "server");
     o.finish(ctx);
     Some(UpstreamTls { common, sni })
 }

@@ -445,6 +445,31 @@ impl Deps {
     }
 }
 
+/// What `cell` holds, rebuilt and stored first when its stamp no longer matches the secrets'
+/// versions. Workers racing on a rotation may each build; the last store wins, all are valid.
+fn rebuilt_if_stale<T>(
+    cell: &ArcSwap<T>,
+    stamp_of: impl Fn(&T) -> u64,
+    deps: &Deps,
+    build: impl FnOnce() -> Result<T, String>,
+) -> Arc<T> {
+    let b = cell.load_full();
+    if stamp_of(&b) == deps.stamp() {
+        return b;
+    }
+    match build() {
+        Ok(n) => {
+            let n = Arc::new(n);
+            cell.store(n.clone());
+            n
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot rebuild a TLS context after a secret update; keeping the previous one");
+            b
+        }
+    }
+}
+
 struct BuiltServer {
     stamp: u64,
     config: Arc<ServerConfig>,
@@ -475,37 +500,41 @@ impl ServerTls {
         } else {
             Some(rustls::crypto::ring::Ticketer::new().map_err(|e| format!("session tickets: {e}"))?)
         };
-        let mut t = ServerTls {
+        let first = Self::build_with(&cfg, &deps, &provider, &cache, ticketer.as_ref())?;
+        Ok(ServerTls {
             cfg,
             deps,
             provider,
             cache,
             ticketer,
-            built: ArcSwap::from_pointee(BuiltServer {
-                stamp: 0,
-                config: Arc::new(
-                    ServerConfig::builder_with_provider(default_provider())
-                        .with_safe_default_protocol_versions()
-                        .map_err(|e| e.to_string())?
-                        .with_no_client_auth()
-                        .with_cert_resolver(Arc::new(verify::SniCerts::default())),
-                ),
-                certs: Arc::new(verify::SniCerts::default()),
-            }),
+            built: ArcSwap::from_pointee(first),
             stats,
-        };
-        let first = t.build()?;
-        t.built = ArcSwap::from_pointee(first);
-        Ok(t)
+        })
     }
 
     fn build(&self) -> Result<BuiltServer, String> {
-        let stamp = self.deps.stamp();
-        let common = &self.cfg.common;
-        let verifier: Arc<dyn ClientCertVerifier> = match (&common.validation, self.deps.roots()) {
+        Self::build_with(
+            &self.cfg,
+            &self.deps,
+            &self.provider,
+            &self.cache,
+            self.ticketer.as_ref(),
+        )
+    }
+
+    fn build_with(
+        cfg: &DownstreamTls,
+        deps: &Deps,
+        provider: &Arc<CryptoProvider>,
+        cache: &Arc<dyn StoresServerSessions>,
+        ticketer: Option<&Arc<dyn ProducesTickets>>,
+    ) -> Result<BuiltServer, String> {
+        let stamp = deps.stamp();
+        let common = &cfg.common;
+        let verifier: Arc<dyn ClientCertVerifier> = match (&common.validation, deps.roots()) {
             (Some(v), Some(roots)) => {
-                let mut b = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, self.provider.clone());
-                if !self.cfg.require_client_certificate {
+                let mut b = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+                if !cfg.require_client_certificate {
                     b = b.allow_unauthenticated();
                 }
                 let inner = b.build().map_err(|e| format!("client certificate verifier: {e}"))?;
@@ -513,18 +542,18 @@ impl ServerTls {
             }
             _ => rustls::server::WebPkiClientVerifier::no_client_auth(),
         };
-        let certs = Arc::new(verify::SniCerts::new(self.deps.cert_materials()));
+        let certs = Arc::new(verify::SniCerts::new(deps.cert_materials()));
         if certs.is_empty() {
             return Err("no certificate could be loaded".into());
         }
-        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+        let mut config = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&versions(&common.tls_params))
             .map_err(|e| format!("TLS parameters: {e}"))?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(certs.clone());
         config.alpn_protocols = common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
-        config.session_storage = self.cache.clone();
-        if let Some(t) = &self.ticketer {
+        config.session_storage = cache.clone();
+        if let Some(t) = ticketer {
             config.ticketer = t.clone();
         }
         config.max_early_data_size = 0;
@@ -537,21 +566,7 @@ impl ServerTls {
 
     /// The config for a new connection, rebuilt first if a secret changed since the last build.
     fn current(&self) -> Arc<BuiltServer> {
-        let b = self.built.load_full();
-        if b.stamp == self.deps.stamp() {
-            return b;
-        }
-        match self.build() {
-            Ok(n) => {
-                let n = Arc::new(n);
-                self.built.store(n.clone());
-                n
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot rebuild TLS context after a secret update; keeping the previous one");
-                b
-            }
-        }
+        rebuilt_if_stale(&self.built, |b| b.stamp, &self.deps, || self.build())
     }
 
     /// Runs the server handshake on `tcp` within the handshake timeout. Failures are counted
@@ -629,37 +644,42 @@ impl ClientTls {
             None => None,
         };
         let provider = provider_for(&cfg.common.tls_params);
-        let placeholder = Arc::new(
-            ClientConfig::builder_with_provider(default_provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-        );
-        let mut t = ClientTls {
+        let resumption: Arc<dyn ClientSessionStore> = Arc::new(ClientSessionMemoryCache::new(256));
+        let first = Self::build_with(&cfg, &deps, &provider, &resumption, sni.is_some())?;
+        Ok(ClientTls {
             cfg,
             deps,
             provider,
-            resumption: Arc::new(ClientSessionMemoryCache::new(256)),
+            resumption,
             sni,
-            built: ArcSwap::from_pointee(BuiltClient {
-                stamp: 0,
-                configs: [placeholder.clone(), placeholder.clone(), placeholder],
-            }),
+            built: ArcSwap::from_pointee(first),
             stats,
-        };
-        let first = t.build()?;
-        t.built = ArcSwap::from_pointee(first);
-        Ok(t)
+        })
     }
 
     fn build(&self) -> Result<BuiltClient, String> {
-        let stamp = self.deps.stamp();
-        let common: &CommonTls = &self.cfg.common;
-        let roots = self.deps.roots();
+        Self::build_with(
+            &self.cfg,
+            &self.deps,
+            &self.provider,
+            &self.resumption,
+            self.sni.is_some(),
+        )
+    }
+
+    fn build_with(
+        cfg: &UpstreamTls,
+        deps: &Deps,
+        provider: &Arc<CryptoProvider>,
+        resumption: &Arc<dyn ClientSessionStore>,
+        sni: bool,
+    ) -> Result<BuiltClient, String> {
+        let stamp = deps.stamp();
+        let common: &CommonTls = &cfg.common;
+        let roots = deps.roots();
         let inner = match &roots {
             Some(r) => Some(
-                rustls::client::WebPkiServerVerifier::builder_with_provider(r.clone(), self.provider.clone())
+                rustls::client::WebPkiServerVerifier::builder_with_provider(r.clone(), provider.clone())
                     .build()
                     .map_err(|e| format!("server certificate verifier: {e}"))?,
             ),
@@ -671,10 +691,10 @@ impl ClientTls {
             .map(|v| v.match_subject_alt_names.clone())
             .unwrap_or_default();
         let verifier: Arc<dyn ServerCertVerifier> =
-            Arc::new(verify::ServerVerifier::new(inner, self.provider.clone(), sans));
-        let client_cert = self.deps.cert_materials().into_iter().next().map(|(k, _, _)| k);
+            Arc::new(verify::ServerVerifier::new(inner, provider.clone(), sans));
+        let client_cert = deps.cert_materials().into_iter().next().map(|(k, _, _)| k);
         let make = |alpn: Vec<Vec<u8>>| -> Result<Arc<ClientConfig>, String> {
-            let b = ClientConfig::builder_with_provider(self.provider.clone())
+            let b = ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&versions(&common.tls_params))
                 .map_err(|e| format!("TLS parameters: {e}"))?
                 .dangerous()
@@ -684,8 +704,8 @@ impl ClientTls {
                 None => b.with_no_client_auth(),
             };
             c.alpn_protocols = alpn;
-            c.resumption = Resumption::store(self.resumption.clone());
-            c.enable_sni = self.sni.is_some();
+            c.resumption = Resumption::store(resumption.clone());
+            c.enable_sni = sni;
             Ok(Arc::new(c))
         };
         let configured: Vec<Vec<u8>> = common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
@@ -701,21 +721,7 @@ impl ClientTls {
     }
 
     fn current(&self) -> Arc<BuiltClient> {
-        let b = self.built.load_full();
-        if b.stamp == self.deps.stamp() {
-            return b;
-        }
-        match self.build() {
-            Ok(n) => {
-                let n = Arc::new(n);
-                self.built.store(n.clone());
-                n
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot rebuild upstream TLS context after a secret update; keeping the previous one");
-                b
-            }
-        }
+        rebuilt_if_stale(&self.built, |b| b.stamp, &self.deps, || self.build())
     }
 
     /// Runs the client handshake on `tcp`. The error is counted; its reason is returned.
