@@ -111,6 +111,8 @@ pub enum NetworkFilter {
     TcpProxy(TcpProxy),
     /// The HTTP connection manager.
     Http(Box<HttpConnectionManager>),
+    /// The RPC connection manager (SOFA Bolt, Dubbo).
+    Rpc(Box<crate::rpc::RpcProxy>),
 }
 
 /// TCP proxy to a cluster.

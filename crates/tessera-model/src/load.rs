@@ -245,19 +245,21 @@ fn decode_chain(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, listener: &s
     }
     let tcp = o.get("tcp_proxy");
     let http = o.get("http");
-    let filter = match (tcp, http) {
-        (Some((n, p)), None) => NetworkFilter::TcpProxy(decode_tcp_proxy(ctx, n, &p, refs, listener)?),
-        (None, Some((n, p))) => NetworkFilter::Http(Box::new(decode_hcm(ctx, n, &p, refs, listener)?)),
-        (Some(_), Some(_)) => {
+    let rpc = o.get("rpc");
+    let filter = match (tcp, http, rpc) {
+        (Some((n, p)), None, None) => NetworkFilter::TcpProxy(decode_tcp_proxy(ctx, n, &p, refs, listener)?),
+        (None, Some((n, p)), None) => NetworkFilter::Http(Box::new(decode_hcm(ctx, n, &p, refs, listener)?)),
+        (None, None, Some((n, p))) => NetworkFilter::Rpc(Box::new(rpc::rpc_proxy(ctx, n, &p, refs, listener)?)),
+        (None, None, None) => {
+            ctx.error(o.mark, &o.path, "a filter chain needs `tcp_proxy`, `http` or `rpc`");
+            return None;
+        }
+        _ => {
             ctx.error(
                 o.mark,
                 &o.path,
-                "a filter chain has either `tcp_proxy` or `http`, not both",
+                "a filter chain has one of `tcp_proxy`, `http` or `rpc`, not several",
             );
-            return None;
-        }
-        (None, None) => {
-            ctx.error(o.mark, &o.path, "a filter chain needs `tcp_proxy` or `http`");
             return None;
         }
     };
@@ -407,6 +409,11 @@ fn decode_hcm(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, listener: &str
 }
 
 fn decode_access_log(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<AccessLog> {
+    decode_access_log_with(ctx, n, p, format::DEFAULT_FORMAT)
+}
+
+/// An access log whose format defaults to `default` when none is written.
+fn decode_access_log_with(ctx: &mut Ctx, n: &Node, p: &Path, default: &str) -> Option<AccessLog> {
     let mut o = Obj::open(ctx, n, p)?;
     let path = o.string(ctx, "path").unwrap_or_else(|| "/dev/stdout".to_string());
     let text = o.get("format");
@@ -450,7 +457,7 @@ fn decode_access_log(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<AccessLog> {
             }
             Some(LogFormat::Json { fields })
         }
-        (None, None) => Some(LogFormat::default_text()),
+        (None, None) => Some(LogFormat::text(default)),
     };
     o.finish(ctx);
     Some(AccessLog { path, format: format? })
@@ -682,21 +689,28 @@ fn decode_route_match(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<RouteMatch> {
     let prefix = o.string(ctx, "prefix");
     let exact = o.string(ctx, "path");
     let re = o.get("safe_regex").map(|(n, p)| regex(ctx, n, &p));
-    let path = match (prefix, exact, re) {
-        (Some(s), None, None) => Some(PathMatch::Prefix(s)),
-        (None, Some(s), None) => Some(PathMatch::Path(s)),
-        (None, None, Some(r)) => r.map(PathMatch::SafeRegex),
+    let triple = o.get("triple").map(|(n, p)| rpc::triple(ctx, n, &p));
+    let mut triple_headers = Vec::new();
+    let path = match (prefix, exact, re, triple) {
+        (Some(s), None, None, None) => Some(PathMatch::Prefix(s)),
+        (None, Some(s), None, None) => Some(PathMatch::Path(s)),
+        (None, None, Some(r), None) => r.map(PathMatch::SafeRegex),
+        (None, None, None, Some(t)) => t.map(|(path, headers)| {
+            triple_headers = headers;
+            path
+        }),
         _ => {
             ctx.error(
                 o.mark,
                 &o.path,
-                "a route match has exactly one of `prefix`, `path` or `safe_regex`",
+                "a route match has exactly one of `prefix`, `path`, `safe_regex` or `triple`",
             );
             None
         }
     };
     let case_sensitive = o.bool(ctx, "case_sensitive").unwrap_or(true);
-    let headers = o.list(ctx, "headers", decode_header_matcher);
+    let mut headers = o.list(ctx, "headers", decode_header_matcher);
+    headers.extend(triple_headers);
     let query_parameters = o.list(ctx, "query_parameters", decode_query_matcher);
     // Envoy writes `grpc: {}`; `grpc: true` reads better by hand.
     let grpc = match o.get("grpc") {
@@ -866,22 +880,27 @@ fn decode_query_matcher(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<QueryParame
     })
 }
 
-fn decode_forward(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option<ForwardAction> {
-    let mut o = Obj::open(ctx, n, p)?;
+/// `cluster: NAME` or `weighted_clusters: [...]`, exactly one (`what` names the object in errors).
+fn cluster_specifier(ctx: &mut Ctx, o: &mut Obj<'_>, refs: &Refs<'_>, what: &str) -> Option<ClusterSpecifier> {
     let single = o.get("cluster");
     let weighted = o.get("weighted_clusters");
-    let cluster = match (single, weighted) {
+    match (single, weighted) {
         (Some((n, p)), None) => refs.cluster(ctx, n, &p).map(ClusterSpecifier::Cluster),
         (None, Some((n, p))) => decode_weighted(ctx, n, &p, refs).map(ClusterSpecifier::WeightedClusters),
         _ => {
             ctx.error(
                 o.mark,
                 &o.path,
-                "a route action has exactly one of `cluster` or `weighted_clusters`",
+                format!("{what} has exactly one of `cluster` or `weighted_clusters`"),
             );
             None
         }
-    };
+    }
+}
+
+fn decode_forward(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option<ForwardAction> {
+    let mut o = Obj::open(ctx, n, p)?;
+    let cluster = cluster_specifier(ctx, &mut o, refs, "a route action");
     let timeout = o.duration(ctx, "timeout").unwrap_or(DEFAULT_ROUTE_TIMEOUT);
     let prefix_rewrite = o.string(ctx, "prefix_rewrite");
     let regex_rewrite = o.get("regex_rewrite").and_then(|(n, p)| {
@@ -1221,8 +1240,11 @@ pub fn split_host_port(s: &str) -> Option<(String, u16)> {
     Some((host.to_ascii_lowercase(), port))
 }
 
+mod rpc;
 mod tls;
 mod traffic;
+
+pub use rpc::DEFAULT_RPC_TIMEOUT;
 
 #[cfg(test)]
 mod tests;

@@ -93,6 +93,18 @@ pub(crate) struct LogRecord {
     pub(crate) tls: Option<Arc<crate::tls::TlsInfo>>,
     /// Why the upstream connection failed (`%UPSTREAM_TRANSPORT_FAILURE_REASON%`).
     pub(crate) upstream_failure: Option<String>,
+    /// The RPC call, for requests of an RPC chain.
+    pub(crate) rpc: Option<RpcLog>,
+}
+
+/// What an access log prints about an RPC call.
+pub(crate) struct RpcLog {
+    pub(crate) protocol: &'static str,
+    pub(crate) service: String,
+    pub(crate) method: String,
+    /// The status in the protocol's own numbering, once there is a response.
+    pub(crate) status: Option<u16>,
+    pub(crate) request_id: u64,
 }
 
 impl LogRecord {
@@ -123,6 +135,7 @@ impl LogRecord {
             connection_id,
             tls: None,
             upstream_failure: None,
+            rpc: None,
         }
     }
 
@@ -346,6 +359,7 @@ fn value(op: &Op, rec: &LogRecord) -> Option<String> {
         Op::StartTime => Some(rfc3339(rec.start)),
         Op::Req(h) => header(h, rec, false),
         Op::Resp(h) => header(h, rec, true),
+        Op::Protocol if rec.rpc.is_some() => rec.rpc.as_ref().map(|r| r.protocol.to_string()),
         Op::Protocol => rec.protocol.map(|v| {
             match v {
                 Version::HTTP_10 => "HTTP/1.0",
@@ -372,6 +386,18 @@ fn value(op: &Op, rec: &LogRecord) -> Option<String> {
         Op::ConnectionId => Some(rec.connection_id.to_string()),
         Op::Hostname => hostname(),
         Op::UpstreamTransportFailureReason => rec.upstream_failure.clone(),
+        Op::RpcService => rec
+            .rpc
+            .as_ref()
+            .filter(|r| !r.service.is_empty())
+            .map(|r| r.service.clone()),
+        Op::RpcMethod => rec
+            .rpc
+            .as_ref()
+            .filter(|r| !r.method.is_empty())
+            .map(|r| r.method.clone()),
+        Op::RpcStatus => rec.rpc.as_ref().and_then(|r| r.status).map(|s| s.to_string()),
+        Op::RpcRequestId => rec.rpc.as_ref().map(|r| r.request_id.to_string()),
         tls_op => {
             let t = rec.tls.as_deref()?;
             let peer = t.peer.as_ref().map(|p| &p.info);

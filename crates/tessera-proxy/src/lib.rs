@@ -20,6 +20,7 @@ mod pool;
 mod ratelimit;
 mod retry;
 mod router;
+mod rpc;
 mod server;
 mod stats;
 mod tcp;

@@ -23,6 +23,7 @@ use crate::tls_inspect::{self, Inspect};
 pub(crate) enum ChainFilter {
     Tcp(Arc<TcpProxyRt>),
     Http(Arc<HttpChainRt>),
+    Rpc(Arc<crate::rpc::RpcChainRt>),
 }
 
 pub(crate) struct ChainRt {
@@ -202,6 +203,7 @@ async fn on_connection(stream: TcpStream, remote: SocketAddr, l: Arc<ListenerRt>
     match &chain.filter {
         ChainFilter::Tcp(t) => crate::tcp::proxy(conn, t.clone(), shared.log_sink()).await,
         ChainFilter::Http(h) => crate::http::serve(conn, h.clone(), shared.log_sink(), l.drain.subscribe()).await,
+        ChainFilter::Rpc(r) => crate::rpc::serve(conn, r.clone(), shared.clone(), l.drain.subscribe()).await,
     }
 }
 

@@ -100,11 +100,18 @@ impl RateLimiter {
 
     /// Decides for a request with these headers from `client`.
     pub(crate) fn check(&self, headers: &HeaderMap, client: IpAddr) -> Verdict {
+        self.check_with(client, |h| headers.get(h).and_then(|v| v.to_str().ok()))
+    }
+
+    /// Decides for a request from `client` whose header values `header` looks up (by the
+    /// lower-case name the descriptor holds): RPC requests carry a Bolt header map or Dubbo
+    /// attachments rather than HTTP headers.
+    pub(crate) fn check_with<'a>(&self, client: IpAddr, header: impl FnOnce(&str) -> Option<&'a str>) -> Verdict {
         let now = now_ms();
         let key: Option<std::borrow::Cow<'_, str>> = match &self.cfg.descriptor {
             None => None,
             Some(RateLimitKey::SourceIp) => Some(client.to_string().into()),
-            Some(RateLimitKey::Header(h)) => headers.get(h.as_str()).and_then(|v| v.to_str().ok()).map(Into::into),
+            Some(RateLimitKey::Header(h)) => header(h.as_str()).map(Into::into),
         };
         let left = match key {
             None => self.shared.take(&self.cfg, now),

@@ -104,7 +104,11 @@ pub(crate) struct Dest {
 }
 
 impl Dest {
-    fn new(cluster: Arc<ClusterRt>, route: &BTreeMap<String, String>, entry: &BTreeMap<String, String>) -> Dest {
+    pub(crate) fn new(
+        cluster: Arc<ClusterRt>,
+        route: &BTreeMap<String, String>,
+        entry: &BTreeMap<String, String>,
+    ) -> Dest {
         let mut labels = route.clone();
         labels.extend(entry.iter().map(|(k, v)| (k.clone(), v.clone())));
         let subset = (!labels.is_empty()).then(|| cluster.register_subset(&labels));
@@ -119,6 +123,32 @@ pub(crate) enum Target {
 }
 
 impl Target {
+    /// The target of a route action: its cluster(s), each with the route's and its own endpoint
+    /// labels; `cluster` resolves a name.
+    pub(crate) fn compile(
+        spec: &ClusterSpecifier,
+        labels: &BTreeMap<String, String>,
+        cluster: &dyn Fn(&str) -> Result<Arc<ClusterRt>, String>,
+    ) -> Result<Target, String> {
+        Ok(match spec {
+            ClusterSpecifier::Cluster(c) => Target::One(Dest::new(cluster(c)?, labels, &BTreeMap::new())),
+            ClusterSpecifier::WeightedClusters(ws) => {
+                let clusters = ws
+                    .iter()
+                    .filter(|w| w.weight > 0)
+                    .map(|w| {
+                        Ok((
+                            Dest::new(cluster(&w.name)?, labels, &w.metadata_match),
+                            u64::from(w.weight),
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                let total = clusters.iter().map(|(_, w)| *w).sum();
+                Target::Weighted { clusters, total }
+            }
+        })
+    }
+
     /// The destination for one request.
     #[inline]
     pub(crate) fn pick(&self) -> &Dest {
@@ -231,25 +261,7 @@ impl RouteTable {
             for r in &vh.routes {
                 let action = match &r.action {
                     RouteAction::Route(f) => Action::Forward(Box::new(Forward {
-                        target: match &f.cluster {
-                            ClusterSpecifier::Cluster(c) => {
-                                Target::One(Dest::new(cluster(c)?, &f.metadata_match, &BTreeMap::new()))
-                            }
-                            ClusterSpecifier::WeightedClusters(ws) => {
-                                let clusters = ws
-                                    .iter()
-                                    .filter(|w| w.weight > 0)
-                                    .map(|w| {
-                                        Ok((
-                                            Dest::new(cluster(&w.name)?, &f.metadata_match, &w.metadata_match),
-                                            u64::from(w.weight),
-                                        ))
-                                    })
-                                    .collect::<Result<Vec<_>, String>>()?;
-                                let total = clusters.iter().map(|(_, w)| *w).sum();
-                                Target::Weighted { clusters, total }
-                            }
-                        },
+                        target: Target::compile(&f.cluster, &f.metadata_match, &cluster)?,
                         timeout: (!f.timeout.is_zero()).then_some(f.timeout),
                         prefix_rewrite: f.prefix_rewrite.clone(),
                         regex_rewrite: f.regex_rewrite.clone(),
@@ -442,7 +454,13 @@ fn header_value<'a>(name: &str, req: &'a RequestView<'_>) -> Option<Cow<'a, str>
 }
 
 pub(crate) fn header_matches(h: &model::HeaderMatcher, req: &RequestView<'_>) -> bool {
-    let Some(value) = header_value(&h.name, req) else {
+    header_value_matches(h, header_value(&h.name, req).as_deref())
+}
+
+/// Applies `h` to a header's value, `None` when the header is absent (HTTP headers, Bolt
+/// header maps and Dubbo attachments alike).
+pub(crate) fn header_value_matches(h: &model::HeaderMatcher, value: Option<&str>) -> bool {
+    let Some(value) = value else {
         // Envoy: on an absent header only a presence test can match, inverted or not.
         return match h.spec {
             HeaderMatchSpec::Present(want) => want == h.invert_match,
@@ -451,7 +469,7 @@ pub(crate) fn header_matches(h: &model::HeaderMatcher, req: &RequestView<'_>) ->
     };
     let result = match &h.spec {
         HeaderMatchSpec::Present(want) => *want,
-        HeaderMatchSpec::String { matcher, ignore_case } => matcher.matches(&value, *ignore_case),
+        HeaderMatchSpec::String { matcher, ignore_case } => matcher.matches(value, *ignore_case),
         HeaderMatchSpec::Range { start, end } => value.trim().parse::<i64>().is_ok_and(|n| n >= *start && n < *end),
     };
     result != h.invert_match

@@ -454,6 +454,9 @@ impl Server {
                         route_cells.insert(key, cell.clone());
                         ChainFilter::Http(Arc::new(HttpChainRt::new((**h).clone(), cell, stats)))
                     }
+                    NetworkFilter::Rpc(r) => ChainFilter::Rpc(Arc::new(
+                        crate::rpc::RpcChainRt::new((**r).clone(), &clusters, stats).map_err(StartError::Compile)?,
+                    )),
                 };
                 chains.push(ChainRt {
                     name: ch.name.clone(),

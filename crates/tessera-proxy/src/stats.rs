@@ -1,4 +1,4 @@
-//! Counters and gauges: atomics handed out once at configuration time, read by the admin API.
+//! Counters, gauges and latency histograms: atomics handed out once at configuration time, read by the admin API.
 //!
 //! The request path holds `Arc<Counter>`s and does relaxed atomic adds; only creating a stat or
 //! rendering them takes the registry's lock, and both happen off the request path.
@@ -54,10 +54,63 @@ impl Gauge {
     }
 }
 
+/// Upper bounds (milliseconds) of the latency histogram buckets: Envoy's defaults.
+pub(crate) const BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+
+/// A latency distribution: a count per bucket (the last one is +Inf) and the sum in microseconds.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    buckets: [AtomicU64; BUCKETS_MS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one sample.
+    #[inline]
+    pub(crate) fn record(&self, d: std::time::Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let ms = us as f64 / 1000.0;
+        let i = BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(BUCKETS_MS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Samples per bucket, not cumulative.
+    fn counts(&self) -> [u64; BUCKETS_MS.len() + 1] {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+
+    /// The number of samples.
+    pub(crate) fn count(&self) -> u64 {
+        self.counts().iter().sum()
+    }
+
+    /// The bucket bound under which `q` (0..=1) of the samples fall, as Envoy's `P99(...)` approximates.
+    fn quantile(counts: &[u64], q: f64) -> Option<f64> {
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(BUCKETS_MS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        None
+    }
+}
+
 #[derive(Clone)]
 enum Metric {
     Counter(Arc<Counter>),
     Gauge(Arc<Gauge>),
+    Histogram(Arc<Histogram>),
 }
 
 impl Metric {
@@ -65,6 +118,26 @@ impl Metric {
         match self {
             Metric::Counter(c) => i128::from(c.get()),
             Metric::Gauge(g) => i128::from(g.get()),
+            Metric::Histogram(h) => i128::from(h.count()),
+        }
+    }
+
+    /// The `/stats` text of the metric: a number, or Envoy-style quantiles for a histogram.
+    fn text(&self) -> String {
+        match self {
+            Metric::Histogram(h) => {
+                let counts = h.counts();
+                let q = |x: f64| Histogram::quantile(&counts, x).map_or("nan".to_string(), |v| format!("{v}"));
+                format!(
+                    "P50({}) P90({}) P99({}) P100({}) count({})",
+                    q(0.5),
+                    q(0.9),
+                    q(0.99),
+                    q(1.0),
+                    counts.iter().sum::<u64>()
+                )
+            }
+            m => m.value().to_string(),
         }
     }
 }
@@ -107,6 +180,19 @@ impl Scope {
     }
 }
 
+impl Scope {
+    /// This scope with one more tag: `<text><value>.` and `,tag="value"`.
+    pub(crate) fn child(&self, tag: &str, value: &str) -> Scope {
+        let escaped = value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let sep = if self.labels.is_empty() { "" } else { "," };
+        Scope {
+            text: format!("{}{value}.", self.text),
+            family: self.family.clone(),
+            labels: format!("{}{sep}{tag}=\"{escaped}\"", self.labels),
+        }
+    }
+}
+
 /// All stats of one server.
 #[derive(Default)]
 pub(crate) struct Stats {
@@ -119,7 +205,7 @@ impl Stats {
     pub(crate) fn counter(&self, scope: &Scope, name: &str) -> Arc<Counter> {
         match self.get_or_insert(scope, name, || Metric::Counter(Arc::default())) {
             Metric::Counter(c) => c,
-            Metric::Gauge(_) => Arc::default(),
+            _ => Arc::default(),
         }
     }
 
@@ -127,7 +213,15 @@ impl Stats {
     pub(crate) fn gauge(&self, scope: &Scope, name: &str) -> Arc<Gauge> {
         match self.get_or_insert(scope, name, || Metric::Gauge(Arc::default())) {
             Metric::Gauge(g) => g,
-            Metric::Counter(_) => Arc::default(),
+            _ => Arc::default(),
+        }
+    }
+
+    /// The latency histogram `name` in `scope`, created on first use.
+    pub(crate) fn histogram(&self, scope: &Scope, name: &str) -> Arc<Histogram> {
+        match self.get_or_insert(scope, name, || Metric::Histogram(Arc::default())) {
+            Metric::Histogram(h) => h,
+            _ => Arc::default(),
         }
     }
 
@@ -158,7 +252,7 @@ impl Stats {
             if filter.is_some_and(|f| !f.is_match(name)) {
                 continue;
             }
-            let _ = writeln!(out, "{name}: {}", e.metric.value());
+            let _ = writeln!(out, "{name}: {}", e.metric.text());
         }
         out
     }
@@ -180,7 +274,7 @@ impl Stats {
         // family -> (is a counter, [(labels, value)])
         type Family<'a> = (bool, Vec<(&'a str, i128)>);
         let mut families: BTreeMap<&str, Family<'_>> = BTreeMap::new();
-        for e in map.values() {
+        for e in map.values().filter(|e| !matches!(e.metric, Metric::Histogram(_))) {
             let is_counter = matches!(e.metric, Metric::Counter(_));
             families
                 .entry(&e.family)
@@ -189,6 +283,35 @@ impl Stats {
                 .push((&e.labels, e.metric.value()));
         }
         let mut out = String::with_capacity(map.len() * 64);
+        let mut histograms: BTreeMap<&str, Vec<(&str, &Histogram)>> = BTreeMap::new();
+        for e in map.values() {
+            if let Metric::Histogram(h) = &e.metric {
+                histograms.entry(&e.family).or_default().push((&e.labels, h));
+            }
+        }
+        for (family, samples) in histograms {
+            let _ = writeln!(out, "# TYPE {family} histogram");
+            for (labels, h) in samples {
+                let sep = if labels.is_empty() { "" } else { "," };
+                let counts = h.counts();
+                let mut cum = 0;
+                for (i, c) in counts.iter().enumerate() {
+                    cum += c;
+                    let le = BUCKETS_MS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+                    let _ = writeln!(out, "{family}_bucket{{{labels}{sep}le=\"{le}\"}} {cum}");
+                }
+                let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1000.0;
+                let braces = |s: &str| {
+                    if s.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{{{s}}}")
+                    }
+                };
+                let _ = writeln!(out, "{family}_sum{} {sum}", braces(labels));
+                let _ = writeln!(out, "{family}_count{} {cum}", braces(labels));
+            }
+        }
         for (family, (is_counter, samples)) in families {
             let _ = writeln!(out, "# TYPE {family} {}", if is_counter { "counter" } else { "gauge" });
             for (labels, v) in samples {
@@ -238,6 +361,39 @@ mod tests {
         assert!(
             prom.contains("# TYPE envoy_server_live gauge\nenvoy_server_live 1\n"),
             "{prom}"
+        );
+        let h = s.histogram(&scope.child("rpc_method", "echo"), "rq_time");
+        h.record(std::time::Duration::from_micros(700));
+        h.record(std::time::Duration::from_millis(20));
+        let prom = s.render_prometheus();
+        assert!(prom.contains("# TYPE envoy_cluster_rq_time histogram\n"), "{prom}");
+        assert!(
+            prom.contains(
+                "envoy_cluster_rq_time_bucket{envoy_cluster_name=\"web\",rpc_method=\"echo\",le=\"0.5\"} 0\n"
+            ),
+            "{prom}"
+        );
+        assert!(
+            prom.contains("envoy_cluster_rq_time_bucket{envoy_cluster_name=\"web\",rpc_method=\"echo\",le=\"1\"} 1\n"),
+            "{prom}"
+        );
+        assert!(
+            prom.contains("envoy_cluster_rq_time_bucket{envoy_cluster_name=\"web\",rpc_method=\"echo\",le=\"25\"} 2\n"),
+            "{prom}"
+        );
+        assert!(
+            prom.contains("envoy_cluster_rq_time_count{envoy_cluster_name=\"web\",rpc_method=\"echo\"} 2\n"),
+            "{prom}"
+        );
+        assert!(
+            prom.contains("envoy_cluster_rq_time_sum{envoy_cluster_name=\"web\",rpc_method=\"echo\"} 20.7\n"),
+            "{prom}"
+        );
+        assert!(
+            s.render_text(None)
+                .contains("cluster.web.echo.rq_time: P50(1) P90(25) P99(25) P100(25) count(2)\n"),
+            "{}",
+            s.render_text(None)
         );
         let re = regex::Regex::new("^server").unwrap();
         assert_eq!(s.render_text(Some(&re)), "server.live: 1\n");

@@ -1,4 +1,5 @@
 use super::*;
+use crate::rpc::*;
 use crate::tls::*;
 use crate::traffic::*;
 
@@ -217,7 +218,7 @@ clusters:
     assert!(joined.contains("`a*b`: a domain is exact"), "{joined}");
     assert!(joined.contains("invalid regex"), "{joined}");
     assert!(
-        joined.contains("exactly one of `prefix`, `path` or `safe_regex`"),
+        joined.contains("exactly one of `prefix`, `path`, `safe_regex` or `triple`"),
         "{joined}"
     );
     assert!(
@@ -667,4 +668,115 @@ clusters:
             errs.join("\n")
         );
     }
+}
+
+const RPC: &str = r#"
+listeners:
+- name: rpc
+  address: 127.0.0.1:12200
+  filter_chains:
+  - rpc:
+      stat_prefix: bolt_in
+      protocol: bolt
+      request_timeout: 3s
+      routes:
+      - name: echo
+        match:
+          service: com.example.EchoService:1.0
+          method: { prefix: ec }
+          headers: [{ name: X-Tenant, exact: blue }]
+        route: { cluster: a, timeout: 500ms, idempotent: true, num_retries: 2, metadata_match: { version: v2 } }
+      - match: { service: { safe_regex: "com\\.example\\..*" } }
+        route:
+          weighted_clusters: [{ name: a, weight: 1 }, { name: b, weight: 3 }]
+          local_rate_limit: { token_bucket: { max_tokens: 5, fill_interval: 1s } }
+      - route: { cluster: b }
+      access_log: [{ path: /dev/null }]
+- name: grpc
+  address: 127.0.0.1:10000
+  filter_chains:
+  - http:
+      route_config:
+        virtual_hosts:
+        - name: all
+          domains: ["*"]
+          routes:
+          - match: { triple: { service: org.apache.dubbo.samples.HelloWorld, method: unary, version: 1.0.0, group: blue } }
+            route: { cluster: a }
+          - match: { triple: { service: org.apache.dubbo.samples.HelloWorld } }
+            route: { cluster: b }
+clusters:
+- { name: a, endpoints: ["127.0.0.1:12201"] }
+- { name: b, endpoints: ["127.0.0.1:12202"] }
+"#;
+
+#[test]
+fn rpc_chains_and_triple_matches_load() {
+    let cfg = load(RPC).unwrap();
+    let NetworkFilter::Rpc(r) = &cfg.listeners[0].filter_chains[0].filter else {
+        panic!("not an rpc chain")
+    };
+    assert_eq!(r.protocol, RpcProtocol::Bolt);
+    assert_eq!(r.request_timeout, Duration::from_secs(3));
+    assert_eq!(r.routes.len(), 3);
+    let echo = &r.routes[0];
+    assert_eq!(
+        echo.matcher.service,
+        Some(StringMatch::Exact("com.example.EchoService:1.0".into()))
+    );
+    assert_eq!(echo.matcher.method, Some(StringMatch::Prefix("ec".into())));
+    assert_eq!(echo.matcher.headers[0].name, "x-tenant");
+    assert!(echo.matcher.needs_attachments());
+    assert!(echo.route.idempotent);
+    assert_eq!(echo.route.num_retries, 2);
+    assert_eq!(echo.route.timeout, Duration::from_millis(500));
+    assert_eq!(echo.route.metadata_match.get("version").map(String::as_str), Some("v2"));
+    assert!(!r.routes[1].matcher.needs_attachments());
+    assert!(r.routes[1].route.local_rate_limit.is_some());
+    assert!(matches!(&r.routes[1].route.cluster, ClusterSpecifier::WeightedClusters(w) if w.len() == 2));
+    assert!(
+        r.routes[2].matcher.service.is_none(),
+        "a route without match takes everything"
+    );
+    // The RPC default log line names the service, method, status and request id.
+    let LogFormat::Text { source, .. } = &r.access_log[0].format else {
+        panic!()
+    };
+    assert!(
+        source.contains("%RPC_SERVICE%") && source.contains("%RPC_REQUEST_ID%"),
+        "{source}"
+    );
+
+    let NetworkFilter::Http(h) = &cfg.listeners[1].filter_chains[0].filter else {
+        panic!()
+    };
+    let routes = &h.route_config.virtual_hosts[0].routes;
+    let m = &routes[0].matcher;
+    assert!(matches!(&m.path, PathMatch::Path(p) if p == "/org.apache.dubbo.samples.HelloWorld/unary"));
+    let names: Vec<&str> = m.headers.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["tri-service-version", "tri-service-group"]);
+    assert!(matches!(&routes[1].matcher.path, PathMatch::Prefix(p) if p == "/org.apache.dubbo.samples.HelloWorld/"));
+    assert!(routes[1].matcher.headers.is_empty());
+}
+
+#[test]
+fn rpc_config_errors_name_the_field() {
+    let bad = RPC
+        .replace("protocol: bolt", "protocol: thrift")
+        .replace("{ cluster: b }", "{ cluster: nope }")
+        .replace("num_retries: 2", "num_retries: 99")
+        .replace("service: org.apache.dubbo.samples.HelloWorld }", "service: a/b }");
+    let e = errors(&bad).join("\n");
+    for want in [
+        "listeners[0].filter_chains[0].rpc.protocol",
+        "thrift",
+        "rpc.routes[2].route.cluster",
+        "nope",
+        "rpc.routes[0].route.num_retries",
+        "`a/b` is not an interface name",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+    let both = RPC.replace("  - rpc:\n", "  - tcp_proxy: { cluster: a }\n    rpc:\n");
+    assert!(errors(&both).join("\n").contains("one of `tcp_proxy`, `http` or `rpc`"));
 }
