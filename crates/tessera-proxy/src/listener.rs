@@ -23,7 +23,8 @@ use crate::tls_inspect::{self, Inspect};
 pub(crate) enum ChainFilter {
     Tcp(Arc<TcpProxyRt>),
     Http(Arc<HttpChainRt>),
-    Rpc(Arc<crate::rpc::RpcChainRt>),
+    /// A cell, so open connections pick up a reloaded chain for their next request.
+    Rpc(Arc<ArcSwap<crate::rpc::RpcChainRt>>),
 }
 
 pub(crate) struct ChainRt {

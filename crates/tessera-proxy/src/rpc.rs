@@ -25,6 +25,8 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -354,6 +356,8 @@ type Decided = (Decision, Arc<MethodStats>, Option<Box<LogRecord>>);
 
 /// A request waiting for its upstream.
 struct Inflight {
+    /// The chain the request was routed by (its route index points into it).
+    chain: Arc<RpcChainRt>,
     seq: u64,
     down_id: u64,
     start: Instant,
@@ -385,7 +389,9 @@ impl Inflight {
 }
 
 struct Downstream {
+    /// The chain as of the latest request; `cell` has the newest (swapped on reload).
     chain: Arc<RpcChainRt>,
+    cell: Arc<ArcSwap<RpcChainRt>>,
     shared: Arc<Shared>,
     codec: Arc<dyn Codec>,
     events: mpsc::UnboundedSender<Event>,
@@ -404,10 +410,11 @@ struct Downstream {
 /// listener drains (then in-flight requests finish first).
 pub(crate) async fn serve(
     conn: Accepted,
-    chain: Arc<RpcChainRt>,
+    cell: Arc<ArcSwap<RpcChainRt>>,
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
 ) {
+    let chain = cell.load_full();
     let Accepted {
         stream,
         remote,
@@ -457,6 +464,7 @@ pub(crate) async fn serve(
         },
         sink: shared.log_sink(),
         chain: chain.clone(),
+        cell,
         shared,
         codec,
         events,
@@ -596,6 +604,13 @@ impl Downstream {
     }
 
     fn on_request(&mut self, mut frame: Frame) -> Result<(), CodecError> {
+        // A reload swaps the cell: this request and later ones use the new routes.
+        {
+            let cur = self.cell.load();
+            if !Arc::ptr_eq(&cur, &self.chain) {
+                self.chain = Arc::clone(&cur);
+            }
+        }
         let chain = self.chain.clone();
         let st = &chain.stats;
         st.request_total.inc();
@@ -637,6 +652,7 @@ impl Downstream {
         }
         self.next_seq += 1;
         let token = self.inflight.insert(Inflight {
+            chain,
             seq: self.next_seq,
             down_id: frame.request_id,
             start,
@@ -842,10 +858,10 @@ impl Downstream {
     }
 
     fn on_failure(&mut self, token: usize, error: UpError) {
-        let chain = self.chain.clone();
         let Some(inf) = self.inflight.get_mut(token) else {
             return;
         };
+        let chain = inf.chain.clone();
         Self::settle(inf);
         let route = &chain.routes[inf.route];
         let (retryable, flag, why) = match &error {
@@ -881,10 +897,10 @@ impl Downstream {
 
     /// Tries another attempt on another host if the route and the retry breaker allow it.
     fn retry(&mut self, token: usize) -> bool {
-        let chain = self.chain.clone();
         let Some(inf) = self.inflight.get_mut(token) else {
             return false;
         };
+        let chain = inf.chain.clone();
         let route = &chain.routes[inf.route];
         if inf.attempts >= route.cfg.route.num_retries {
             if route.cfg.route.num_retries > 0 {

@@ -211,6 +211,8 @@ struct Control {
     listeners: HashMap<String, Arc<ListenerRt>>,
     clusters: HashMap<String, Arc<ClusterRt>>,
     route_cells: HashMap<(String, String), Arc<ArcSwap<RouteTable>>>,
+    /// RPC chains by (listener, chain): open connections route new requests by the new one.
+    rpc_cells: HashMap<(String, String), Arc<ArcSwap<crate::rpc::RpcChainRt>>>,
     secrets: SecretSet,
     log_thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -288,6 +290,7 @@ impl Server {
                 listeners: HashMap::new(),
                 clusters: HashMap::new(),
                 route_cells: HashMap::new(),
+                rpc_cells: HashMap::new(),
                 secrets: SecretSet::default(),
                 log_thread: Some(log_thread),
             }),
@@ -391,6 +394,8 @@ impl Server {
         let our_addrs: Vec<SocketAddr> = ctl.listeners.values().map(|l| l.bound).collect();
         let mut route_cells = HashMap::new();
         let mut tables_to_store = Vec::new();
+        let mut rpc_cells = HashMap::new();
+        let mut rpc_to_store = Vec::new();
         let mut pending = Vec::new();
         for l in &cfg.listeners {
             let existing = ctl
@@ -454,9 +459,20 @@ impl Server {
                         route_cells.insert(key, cell.clone());
                         ChainFilter::Http(Arc::new(HttpChainRt::new((**h).clone(), cell, stats)))
                     }
-                    NetworkFilter::Rpc(r) => ChainFilter::Rpc(Arc::new(
-                        crate::rpc::RpcChainRt::new((**r).clone(), &clusters, stats).map_err(StartError::Compile)?,
-                    )),
+                    NetworkFilter::Rpc(r) => {
+                        let rt = crate::rpc::RpcChainRt::new((**r).clone(), &clusters, stats)
+                            .map_err(StartError::Compile)?;
+                        let key = (l.name.clone(), ch.name.clone());
+                        let cell = match ctl.rpc_cells.get(&key) {
+                            Some(cell) => {
+                                rpc_to_store.push((cell.clone(), rt));
+                                cell.clone()
+                            }
+                            None => Arc::new(ArcSwap::from_pointee(rt)),
+                        };
+                        rpc_cells.insert(key, cell.clone());
+                        ChainFilter::Rpc(cell)
+                    }
                 };
                 chains.push(ChainRt {
                     name: ch.name.clone(),
@@ -483,6 +499,9 @@ impl Server {
         // Phase 2: commit.
         for (cell, table) in tables_to_store {
             cell.store(Arc::new(table));
+        }
+        for (cell, rt) in rpc_to_store {
+            cell.store(Arc::new(rt));
         }
         let mut listeners = HashMap::new();
         for (name, requested, lcfg, existing, sockets) in pending {
@@ -520,6 +539,7 @@ impl Server {
         ctl.listeners = listeners;
         ctl.clusters = clusters;
         ctl.route_cells = route_cells;
+        ctl.rpc_cells = rpc_cells;
         ctl.node = cfg.node.clone();
         shared.secrets.store(Arc::new(secrets.all()));
         ctl.secrets = secrets;

@@ -86,7 +86,7 @@ fn heartbeats_seen(p: &Proc) -> usize {
 }
 
 /// A sidecar with one RPC listener `rpc` speaking `protocol`, `routes` (YAML list items indented
-/// six spaces), and clusters by name; access log to `rpc.log` in the returned directory.
+/// six spaces), and clusters by name (a name given twice gets both endpoints); access log to `rpc.log` in the returned directory.
 fn rpc_sidecar(
     protocol: &str,
     routes: &str,
@@ -111,9 +111,18 @@ clusters:
 "#,
         log.display()
     );
-    for (name, addr) in clusters {
+    // A name given twice is one cluster with two endpoints.
+    let mut names: Vec<&str> = clusters.iter().map(|(n, _)| *n).collect();
+    names.dedup();
+    for name in names {
+        let eps: Vec<String> = clusters
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, a)| format!("\"{a}\""))
+            .collect();
         yaml.push_str(&format!(
-            "- {{ name: {name}, connect_timeout: 1s, endpoints: [\"{addr}\"] }}\n"
+            "- {{ name: {name}, connect_timeout: 1s, endpoints: [{}] }}\n",
+            eps.join(", ")
         ));
     }
     let f = dir.write("rpc.yaml", &yaml);
@@ -336,6 +345,29 @@ fn bolt_through_a_pair_of_sidecars() {
     assert_eq!(heartbeats_seen(&server_p), 0);
 }
 
+/// sofa-bolt-node switched to the final Hessian dialect (`setHessianVersion('4.0')`): the method is
+/// read from a final-dialect body, and the sidecar's error replies are written in that dialect
+/// (a reply in the other one would make the client drop the connection).
+#[test]
+fn bolt_final_hessian_dialect_through_a_sidecar() {
+    let (_server, addr) = server(node("bolt_server.js", &["--hessian", "4"]), "v4");
+    let routes = r#"      - match: { method: echo }
+        route: { cluster: app }
+      - route: { cluster: dead }"#;
+    let (_p, listen, _admin, _dir) = rpc_sidecar("bolt", routes, &[("app", addr), ("dead", dead_addr())]);
+    let v4 = ["--hessian", "4"];
+    let r = one(bolt(listen, "com.example.EchoService:1.0", "echo", r#"["x"]"#, &v4));
+    assert_eq!(r["value"], "v4:x", "{r}");
+    let r = one(bolt(listen, "com.example.EchoService:1.0", "add", "[1, 2]", &v4));
+    assert_eq!(r["code"], 0x10, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("upstream connect failed")),
+        "{r}"
+    );
+}
+
 // ------------------------------------------------------------------------------- Dubbo
 
 /// apache-dubbo-consumer calls, all on one connection.
@@ -464,6 +496,88 @@ fn dubbo_through_a_pair_of_sidecars() {
     assert_eq!(rs.len(), 30);
     assert!(rs.iter().all(|r| r["value"] == "far:q"), "{rs:?}");
     assert_eq!(heartbeats_seen(&server_p), 0);
+}
+
+/// A connect failure is retried on another host: nothing was sent, so any request may go again.
+#[test]
+fn rpc_retries_a_failed_connect_on_another_host() {
+    let (_server, alive) = server(node("dubbo_server.js", &[]), "alive");
+    let routes = "      - route: { cluster: flaky, num_retries: 1 }";
+    let (_p, listen, admin, _dir) = rpc_sidecar("dubbo", routes, &[("flaky", dead_addr()), ("flaky", alive)]);
+    let rs = dubbo(
+        listen,
+        "org.apache.dubbo.demo.EchoService",
+        "echo",
+        r#"["r"]"#,
+        &["--count", "8"],
+    );
+    assert!(rs.iter().all(|r| r["value"] == "alive:r"), "{rs:?}");
+    let stats = curl_ok(&[&format!("http://{admin}/stats?filter=retry")]);
+    let retried = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("rpc.dubbo_in.retry: "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(
+        retried.is_some_and(|n| n >= 1),
+        "round robin sends some calls to the dead host first:\n{stats}"
+    );
+}
+
+/// A reload changes where the next request of an open connection goes, as for HTTP: RPC clients
+/// keep their connections for hours. The client here is our own codec on one TCP connection (the
+/// npm clients cannot pause between calls); the servers are the npm Dubbo servers.
+#[test]
+fn rpc_routes_reload_under_open_connections() {
+    use std::io::{Read, Write};
+    use tessera_rpc::{Codec, Limits, dubbo};
+
+    let (_a, alpha) = server(node("dubbo_server.js", &[]), "alpha");
+    let (_b, beta) = server(node("dubbo_server.js", &[]), "beta");
+    let routes = "      - route: { cluster: alpha }";
+    let (p, listen, _admin, dir) = rpc_sidecar("dubbo", routes, &[("alpha", alpha), ("beta", beta)]);
+    let mut conn = std::net::TcpStream::connect(listen).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut call = |id: u64| -> String {
+        let mut w = tessera_rpc::hessian::Writer::new(tessera_rpc::hessian::Dialect::Final);
+        w.string("same connection");
+        let args = w.into_vec();
+        let iface = "org.apache.dubbo.demo.EchoService";
+        let req = dubbo::Request {
+            id,
+            dubbo_version: "2.0.2",
+            path: iface,
+            version: "0.0.0",
+            method: "echo",
+            descriptor: "Ljava/lang/String;",
+            args: &args,
+            attachments: &[("path", iface), ("interface", iface), ("version", "0.0.0")],
+            twoway: true,
+        };
+        conn.write_all(&req.encode()).unwrap();
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            if let Some(f) = dubbo::Dubbo.decode(&mut buf, &Limits::default()).unwrap() {
+                assert_eq!((f.request_id, f.status), (id, Some(20)), "{f:?}");
+                return String::from_utf8_lossy(&f.raw).into_owned();
+            }
+            let mut chunk = [0u8; 4096];
+            let n = conn.read(&mut chunk).unwrap();
+            assert!(n > 0, "the sidecar closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    assert!(call(7).contains("alpha:same connection"));
+    let f = dir.path("rpc.yaml");
+    let yaml = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("route: { cluster: alpha }", "route: { cluster: beta }");
+    std::fs::write(&f, yaml).unwrap();
+    p.signal("HUP");
+    p.wait_log("configuration reloaded", Duration::from_secs(10));
+    assert!(
+        call(8).contains("beta:same connection"),
+        "the open connection follows the new route"
+    );
 }
 
 // ------------------------------------------------------------------------------- Triple (Dubbo 3)
