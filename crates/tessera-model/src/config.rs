@@ -208,6 +208,8 @@ pub struct HttpConnectionManager {
     pub access_log: Vec<AccessLog>,
     /// A token bucket for every request through this connection manager (routes may override).
     pub local_rate_limit: Option<LocalRateLimit>,
+    /// Checks and quotas every request passes before it is routed.
+    pub policy: crate::policy::Policy,
 }
 
 /// Where and how an access log is written.

@@ -349,6 +349,10 @@ fn decode_hcm(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, listener: &str
     let local_rate_limit = o
         .get("local_rate_limit")
         .and_then(|(n, p)| traffic::local_rate_limit(ctx, n, &p));
+    let policy = o
+        .get("policy")
+        .and_then(|(n, p)| policy::policy(ctx, n, &p))
+        .unwrap_or_default();
     let forward_client_cert_details = o
         .get("forward_client_cert_details")
         .and_then(|(n, p)| {
@@ -405,6 +409,7 @@ fn decode_hcm(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, listener: &str
         route_config: route_config?,
         access_log,
         local_rate_limit,
+        policy,
     })
 }
 
@@ -1240,6 +1245,7 @@ pub fn split_host_port(s: &str) -> Option<(String, u16)> {
     Some((host.to_ascii_lowercase(), port))
 }
 
+mod policy;
 mod rpc;
 mod tls;
 mod traffic;

@@ -42,6 +42,8 @@ pub struct RpcProxy {
     pub max_concurrent_requests: u32,
     /// Access logs, one line per request.
     pub access_log: Vec<AccessLog>,
+    /// Checks and quotas every request passes before it is routed.
+    pub policy: crate::policy::Policy,
 }
 
 /// One RPC route.

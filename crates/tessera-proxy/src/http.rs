@@ -28,6 +28,7 @@ use crate::body::{Ending, ReqTrack, RespBody};
 use crate::cluster::{ClusterRt, Host};
 use crate::flags::ResponseFlags;
 use crate::listener::Accepted;
+use crate::policy::{HttpAttrs as PolicyAttrs, Outcome, PolicyRt};
 use crate::pool::Pooled;
 use crate::ratelimit::RateLimiter;
 use crate::router::{self, Action, Forward, RequestView, Route, RouteTable, VirtualHost, mutate};
@@ -66,6 +67,8 @@ pub(crate) struct HttpStats {
     pub(crate) rq_redirect: Arc<Counter>,
     pub(crate) rq_direct_response: Arc<Counter>,
     pub(crate) local_rate_limited: Arc<Counter>,
+    pub(crate) policy_denied: Arc<Counter>,
+    pub(crate) policy_over_quota: Arc<Counter>,
     pub(crate) local_rate_limit_ok: Arc<Counter>,
     pub(crate) fault_delays_injected: Arc<Counter>,
     pub(crate) fault_aborts_injected: Arc<Counter>,
@@ -98,6 +101,8 @@ impl HttpStats {
             rq_redirect: c("rq_redirect"),
             rq_direct_response: c("rq_direct_response"),
             local_rate_limited: c("local_rate_limit.rate_limited"),
+            policy_denied: c("policy.denied"),
+            policy_over_quota: c("policy.over_quota"),
             local_rate_limit_ok: c("local_rate_limit.ok"),
             fault_delays_injected: c("fault.delays_injected"),
             fault_aborts_injected: c("fault.aborts_injected"),
@@ -117,6 +122,8 @@ pub(crate) struct HttpChainRt {
     request_timeout: Option<Duration>,
     max_headers: usize,
     rate_limit: Option<Arc<RateLimiter>>,
+    /// Checks and quotas, before routing.
+    policy: Option<Arc<PolicyRt>>,
 }
 
 impl HttpChainRt {
@@ -124,7 +131,7 @@ impl HttpChainRt {
         cfg: model::HttpConnectionManager,
         routes: Arc<ArcSwap<RouteTable>>,
         stats: &Stats,
-    ) -> HttpChainRt {
+    ) -> Result<HttpChainRt, String> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder = match cfg.codec_type {
             model::CodecType::Auto => builder,
@@ -146,7 +153,9 @@ impl HttpChainRt {
             .timer(TokioTimer::new())
             .max_concurrent_streams(cfg.http2_max_concurrent_streams)
             .max_header_list_size(header_bytes as u32);
-        HttpChainRt {
+        let policy = PolicyRt::new(&cfg.policy, &cfg.stat_prefix, stats)?;
+        Ok(HttpChainRt {
+            policy,
             stats: HttpStats::new(stats, &cfg.stat_prefix),
             logs: LogSpec::new(&cfg.access_log),
             request_timeout: (!cfg.request_timeout.is_zero()).then_some(cfg.request_timeout),
@@ -155,7 +164,7 @@ impl HttpChainRt {
             routes,
             builder,
             cfg,
-        }
+        })
     }
 }
 
@@ -455,6 +464,69 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
             ResponseFlags::NONE,
             "request_headers_too_many",
         ));
+    }
+
+    // The merged Mixer's Check and Quota: in process, before routing.
+    if let Some(policy) = &chain.policy {
+        let attrs = PolicyAttrs {
+            parts: &parts,
+            host: authority(&parts),
+            remote: st.cx.remote,
+            local: st.cx.local,
+            tls: st.cx.tls.as_deref(),
+            scheme: st.cx.scheme,
+            grpc,
+        };
+        match policy.evaluate(&attrs) {
+            Outcome::Allow => {}
+            Outcome::Deny(reason) => {
+                stats.policy_denied.inc();
+                let text = format!("PERMISSION_DENIED: {reason}");
+                return Ok(local_reply(
+                    st,
+                    grpc,
+                    parts.version,
+                    StatusCode::FORBIDDEN,
+                    text,
+                    ResponseFlags::UNAUTHORIZED_EXTERNAL_SERVICE,
+                    "policy_denied",
+                ));
+            }
+            Outcome::OverQuota {
+                name,
+                limit,
+                remaining,
+                reset,
+            } => {
+                stats.policy_over_quota.inc();
+                let text = format!("RESOURCE_EXHAUSTED: quota `{name}` exceeded");
+                let mut resp = if grpc {
+                    grpc_local_reply(
+                        st,
+                        parts.version,
+                        8,
+                        &text,
+                        ResponseFlags::RATE_LIMITED,
+                        "quota_exceeded",
+                    )
+                } else {
+                    local_reply(
+                        st,
+                        grpc,
+                        parts.version,
+                        StatusCode::TOO_MANY_REQUESTS,
+                        text,
+                        ResponseFlags::RATE_LIMITED,
+                        "quota_exceeded",
+                    )
+                };
+                let h = resp.headers_mut();
+                h.insert("x-ratelimit-limit", HeaderValue::from(limit));
+                h.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
+                h.insert("x-ratelimit-reset", HeaderValue::from(reset.as_secs().max(1)));
+                return Ok(resp);
+            }
+        }
     }
 
     let table = chain.routes.load_full();

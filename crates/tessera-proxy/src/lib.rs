@@ -16,6 +16,7 @@ mod http;
 mod lb;
 mod listener;
 mod outlier;
+mod policy;
 mod pool;
 mod ratelimit;
 mod retry;

@@ -42,6 +42,7 @@ use crate::cluster::{ClusterRt, Host, PickContext};
 use crate::flags::ResponseFlags;
 use crate::listener::Accepted;
 use crate::outlier::{self, Outcome};
+use crate::policy::{Outcome as PolicyOutcome, PolicyRt, RpcAttrs};
 use crate::ratelimit::RateLimiter;
 use crate::router::{Target, header_value_matches};
 use crate::server::Shared;
@@ -70,6 +71,8 @@ pub(crate) struct RpcStats {
     retry: Arc<Counter>,
     local_reply: Arc<Counter>,
     downstream_reset: Arc<Counter>,
+    policy_denied: Arc<Counter>,
+    policy_over_quota: Arc<Counter>,
     response_success: Arc<Counter>,
     response_error: Arc<Counter>,
 }
@@ -93,6 +96,8 @@ pub(crate) struct RpcChainRt {
     scope: Scope,
     stats: RpcStats,
     logs: Option<Arc<LogSpec>>,
+    /// Checks and quotas, before routing.
+    policy: Option<Arc<PolicyRt>>,
 }
 
 impl RpcChainRt {
@@ -137,17 +142,23 @@ impl RpcChainRt {
             retry: c("retry"),
             local_reply: c("local_reply"),
             downstream_reset: c("downstream_reset"),
+            policy_denied: c("policy_denied"),
+            policy_over_quota: c("policy_over_quota"),
             response_success: c("response_success"),
             response_error: c("response_error"),
         };
         Ok(RpcChainRt {
+            policy: PolicyRt::new(&cfg.policy, &cfg.stat_prefix, stats)?,
             needs_attachments: cfg.routes.iter().any(|r| {
                 r.matcher.needs_attachments()
                     || r.route
                         .local_rate_limit
                         .as_ref()
                         .is_some_and(|l| matches!(l.descriptor, Some(model::RateLimitKey::Header(_))))
-            }),
+            }) || cfg
+                .policy
+                .attributes()
+                .any(|a| a.starts_with("rpc.attachments[") || a.starts_with("request.headers[") || a == "rpc.group"),
             limits: Limits {
                 max_frame: cfg.max_frame_bytes as usize,
                 ..Limits::default()
@@ -709,6 +720,32 @@ impl Downstream {
             l
         });
         let local = |f, msg: String, flag| Decision::Local(f, msg, flag);
+        // The merged Mixer's Check and Quota: in process, before routing.
+        if let Some(policy) = &chain.policy {
+            let attrs = RpcAttrs {
+                keys: &keys,
+                protocol: frame.protocol.name(),
+                remote: self.remote,
+                local: self.local,
+            };
+            match policy.evaluate(&attrs) {
+                PolicyOutcome::Allow => {}
+                PolicyOutcome::Deny(reason) => {
+                    st.policy_denied.inc();
+                    let d = local(
+                        Failure::Denied,
+                        format!("PERMISSION_DENIED: {reason}"),
+                        ResponseFlags::UNAUTHORIZED_EXTERNAL_SERVICE,
+                    );
+                    return Ok((d, ms, log));
+                }
+                PolicyOutcome::OverQuota { name, .. } => {
+                    st.policy_over_quota.inc();
+                    let msg = format!("RESOURCE_EXHAUSTED: quota `{name}` exceeded");
+                    return Ok((local(Failure::RateLimited, msg, ResponseFlags::RATE_LIMITED), ms, log));
+                }
+            }
+        }
         let Some((ri, route)) = chain.route(&keys) else {
             st.no_route.inc();
             let msg = format!("no route for service `{}` method `{}`", keys.service, keys.method);

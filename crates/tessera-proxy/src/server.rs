@@ -457,7 +457,10 @@ impl Server {
                             None => Arc::new(ArcSwap::from_pointee(table)),
                         };
                         route_cells.insert(key, cell.clone());
-                        ChainFilter::Http(Arc::new(HttpChainRt::new((**h).clone(), cell, stats)))
+                        let rt = HttpChainRt::new((**h).clone(), cell, stats).map_err(|e| {
+                            StartError::Compile(format!("listener `{}` filter chain `{}`: {e}", l.name, ch.name))
+                        })?;
+                        ChainFilter::Http(Arc::new(rt))
                     }
                     NetworkFilter::Rpc(r) => {
                         let rt = crate::rpc::RpcChainRt::new((**r).clone(), &clusters, stats)

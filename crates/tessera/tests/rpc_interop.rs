@@ -92,6 +92,16 @@ fn rpc_sidecar(
     routes: &str,
     clusters: &[(&str, SocketAddr)],
 ) -> (Proc, SocketAddr, SocketAddr, TempDir) {
+    rpc_sidecar_with(protocol, "", routes, clusters)
+}
+
+/// [`rpc_sidecar`] with more fields for the chain (`extra`, YAML indented six spaces).
+fn rpc_sidecar_with(
+    protocol: &str,
+    extra: &str,
+    routes: &str,
+    clusters: &[(&str, SocketAddr)],
+) -> (Proc, SocketAddr, SocketAddr, TempDir) {
     let dir = TempDir::new("rpc");
     let log = dir.path("rpc.log");
     let mut yaml = format!(
@@ -105,6 +115,7 @@ listeners:
       protocol: {protocol}
       request_timeout: 5s
       access_log: [{{ path: "{}" }}]
+{extra}
       routes:
 {routes}
 clusters:
@@ -578,6 +589,38 @@ fn rpc_routes_reload_under_open_connections() {
         call(8).contains("beta:same connection"),
         "the open connection follows the new route"
     );
+}
+
+/// Check and Quota on RPC: a deny list over an attachment and a quota per method, answered in
+/// Dubbo's own error format (BAD_REQUEST 40, SERVER_THREADPOOL_EXHAUSTED 100).
+#[test]
+fn rpc_policy_denies_and_limits_natively() {
+    let (_s, addr) = server(node("dubbo_server.js", &[]), "p");
+    let policy = r#"      policy:
+        checks:
+        - list: { name: tenants, attribute: "rpc.attachments[x-tenant]", entries: [banned], blacklist: true }
+        quotas:
+        - { name: per-method, max: 2, window: 1h, dimensions: [rpc.service, rpc.method] }"#;
+    let (_p, listen, _admin, _dir) =
+        rpc_sidecar_with("dubbo", policy, "      - route: { cluster: app }", &[("app", addr)]);
+    let echo = "org.apache.dubbo.demo.EchoService";
+    let r = dubbo_call(listen, echo, "echo", r#"["x"]"#, &["--attach", "x-tenant=banned"]);
+    assert_eq!(r["code"], 40, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("PERMISSION_DENIED: tenants")),
+        "{r}"
+    );
+    let rs = dubbo(
+        listen,
+        echo,
+        "echo",
+        r#"["y"]"#,
+        &["--count", "3", "--attach", "x-tenant=ok"],
+    );
+    assert_eq!(rs.iter().filter(|r| r["value"] == "p:y").count(), 2, "{rs:?}");
+    assert_eq!(rs[2]["code"], 100, "{rs:?}");
 }
 
 // ------------------------------------------------------------------------------- Triple (Dubbo 3)

@@ -48,6 +48,10 @@ pub(super) fn rpc_proxy(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, list
     let access_log = o.list(ctx, "access_log", |ctx, n, p| {
         decode_access_log_with(ctx, n, p, RPC_DEFAULT_FORMAT)
     });
+    let policy = o
+        .get("policy")
+        .and_then(|(n, p)| super::policy::policy(ctx, n, &p))
+        .unwrap_or_default();
     o.finish(ctx);
     Some(RpcProxy {
         stat_prefix,
@@ -58,6 +62,7 @@ pub(super) fn rpc_proxy(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, list
         max_frame_bytes,
         max_concurrent_requests,
         access_log,
+        policy,
     })
 }
 

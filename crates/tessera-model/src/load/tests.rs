@@ -1,4 +1,5 @@
 use super::*;
+use crate::policy::*;
 use crate::rpc::*;
 use crate::tls::*;
 use crate::traffic::*;
@@ -779,4 +780,75 @@ fn rpc_config_errors_name_the_field() {
     }
     let both = RPC.replace("  - rpc:\n", "  - tcp_proxy: { cluster: a }\n    rpc:\n");
     assert!(errors(&both).join("\n").contains("one of `tcp_proxy`, `http` or `rpc`"));
+}
+
+const POLICY: &str = r#"
+listeners:
+- name: http
+  address: 127.0.0.1:10000
+  filter_chains:
+  - http:
+      policy:
+        checks:
+        - list: { name: blocked, attribute: "request.headers[x-user]", entries: [blocked], blacklist: true }
+        - list: { name: office, attribute: source.ip, kind: ip_addresses, entries: ["127.0.0.0/8", "::1"] }
+        quotas:
+        - name: per-user
+          max: 5
+          window: 1m
+          dimensions: ["request.headers[x-user]"]
+          overrides: [{ dimensions: { "request.headers[x-user]": vip }, max: 100 }]
+      route_config:
+        virtual_hosts:
+        - { name: all, domains: ["*"], routes: [{ match: { prefix: / }, route: { cluster: app } }] }
+clusters:
+- { name: app, endpoints: ["127.0.0.1:18080"] }
+"#;
+
+#[test]
+fn policy_checks_and_quotas_load() {
+    let cfg = load(POLICY).unwrap();
+    let NetworkFilter::Http(h) = &cfg.listeners[0].filter_chains[0].filter else {
+        panic!()
+    };
+    let p = &h.policy;
+    assert_eq!(p.checks.len(), 2);
+    let Check::List(blocked) = &p.checks[0];
+    assert_eq!(
+        (blocked.attribute.as_str(), blocked.blacklist, blocked.kind),
+        ("request.headers[x-user]", true, ListKind::Strings)
+    );
+    let Check::List(office) = &p.checks[1];
+    assert_eq!(office.kind, ListKind::IpAddresses);
+    let q = &p.quotas[0];
+    assert_eq!(
+        (q.max, q.window, q.algorithm),
+        (5, Duration::from_secs(60), QuotaAlgorithm::FixedWindow)
+    );
+    assert_eq!(
+        q.overrides[0].dimensions,
+        [("request.headers[x-user]".to_string(), "vip".to_string())]
+    );
+    assert_eq!(q.overrides[0].max, 100);
+}
+
+#[test]
+fn policy_errors_name_the_field() {
+    let bad = POLICY
+        .replace("attribute: source.ip", "attribute: source.ipp")
+        .replace("window: 1m", "window: 0s")
+        .replace(
+            r#"overrides: [{ dimensions: { "request.headers[x-user]": vip }"#,
+            r#"overrides: [{ dimensions: { "source.ip": vip }"#,
+        )
+        .replace("- list: { name: blocked", "- rbac: {}\n        - list: { name: blocked");
+    let e = errors(&bad).join("\n");
+    for want in [
+        "policy.checks[2].list.attribute: unknown attribute `source.ipp`",
+        "policy.quotas[0].window",
+        "override on `source.ip`, which is not one of the quota's `dimensions`",
+        "`rbac` checks are not built yet",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
 }

@@ -88,7 +88,7 @@ fn at(ctx: &Ctx, n: &Node, p: &Path) -> At {
 }
 
 /// Relative file names are relative to the directory of the configuration file.
-fn resolve(ctx: &Ctx, name: &str) -> PathBuf {
+pub(super) fn resolve(ctx: &Ctx, name: &str) -> PathBuf {
     let p = PathBuf::from(name);
     if p.is_absolute() {
         return p;

@@ -1,0 +1,156 @@
+//! Check and Quota in the sidecar (issue 7, first part: list checks and memory quotas), through
+//! the real binary with real clients: curl for HTTP and gRPC framing, the npm Dubbo client and
+//! server for RPC.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn http_sidecar(policy: &str, upstream: SocketAddr) -> (Proc, SocketAddr, SocketAddr, TempDir) {
+    let dir = TempDir::new("policy");
+    let yaml = format!(
+        r#"admin: {{ address: "127.0.0.1:0" }}
+listeners:
+- name: http
+  address: 127.0.0.1:0
+  filter_chains:
+  - http:
+      stat_prefix: ingress
+      policy:
+{policy}
+      route_config:
+        virtual_hosts:
+        - name: all
+          domains: ["*"]
+          routes:
+          - match: {{ prefix: / }}
+            route: {{ cluster: app }}
+clusters:
+- {{ name: app, protocol: downstream, endpoints: ["{upstream}"] }}
+"#
+    );
+    let f = dir.write(
+        "p.yaml",
+        &yaml.replace("LISTFILE", &dir.path("teams.txt").display().to_string()),
+    );
+    std::fs::write(dir.path("teams.txt"), "# teams allowed\nred\n").unwrap();
+    let (p, listen, admin) = start_sidecar(&f, &[]);
+    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
+    (p, listen, admin, dir)
+}
+
+const POLICY: &str = r#"        checks:
+        - list: { name: blocked-users, attribute: "request.headers[x-user]", entries: [blocked], blacklist: true }
+        - list: { name: teams, attribute: "request.headers[x-team]", file: LISTFILE, case_insensitive: true }
+        quotas:
+        - name: per-user
+          max: 5
+          window: 1m
+          dimensions: ["request.headers[x-user]"]
+          overrides: [{ dimensions: { "request.headers[x-user]": vip }, max: 7 }]"#;
+
+fn status(url: &str, headers: &[&str]) -> String {
+    let mut args = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+    for h in headers {
+        args.extend_from_slice(&["-H", h]);
+    }
+    args.push(url);
+    String::from_utf8_lossy(&curl(&args).stdout).into_owned()
+}
+
+#[test]
+fn http_deny_lists_and_quotas_answer_403_and_429() {
+    let (_svc, svc) = sample_service("svc");
+    let (_p, listen, admin, _dir) = http_sidecar(POLICY, svc);
+    let url = format!("http://{listen}/");
+
+    // The deny list, with Mixer's wording.
+    let out = curl_ok(&["-i", "-H", "x-user: blocked", "-H", "x-team: red", &url]);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(out.contains("PERMISSION_DENIED: blocked-users:"), "{out}");
+    // The allow list from a file: a team not in it is refused, case folded for those in it.
+    assert_eq!(status(&url, &["x-user: zed", "x-team: blue"]), "403");
+    assert_eq!(status(&url, &["x-user: zed", "x-team: RED"]), "200");
+
+    // Five a minute per user; the sixth gets 429 with the rate-limit headers.
+    let codes: Vec<String> = (0..6).map(|_| status(&url, &["x-user: ann", "x-team: red"])).collect();
+    assert_eq!(codes, ["200", "200", "200", "200", "200", "429"]);
+    let out = curl_ok(&["-i", "-H", "x-user: ann", "-H", "x-team: red", &url]);
+    let lower = out.to_ascii_lowercase();
+    assert!(
+        lower.contains("x-ratelimit-limit: 5\r\n") && lower.contains("x-ratelimit-remaining: 0\r\n"),
+        "{out}"
+    );
+    assert!(out.contains("RESOURCE_EXHAUSTED: quota `per-user` exceeded"), "{out}");
+    // Another user has their own window; an override gives vip 7.
+    assert_eq!(status(&url, &["x-user: bob", "x-team: red"]), "200");
+    let vip: Vec<String> = (0..8).map(|_| status(&url, &["x-user: vip", "x-team: red"])).collect();
+    assert_eq!(vip.iter().filter(|c| *c == "200").count(), 7, "{vip:?}");
+
+    // gRPC clients get PERMISSION_DENIED (7) and RESOURCE_EXHAUSTED (8).
+    let grpc = |user: &str| {
+        let out = curl_ok(&[
+            "-i",
+            "--http2-prior-knowledge",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            &format!("x-user: {user}"),
+            "-H",
+            "x-team: red",
+            "--data-binary",
+            "",
+            &format!("{url}svc.Echo/Call"),
+        ]);
+        out.to_ascii_lowercase()
+    };
+    assert!(grpc("blocked").contains("grpc-status: 7"), "{}", grpc("blocked"));
+    assert!(grpc("ann").contains("grpc-status: 8"), "{}", grpc("ann"));
+
+    let stats = curl_ok(&[&format!("http://{admin}/stats?filter=^policy")]);
+    for want in [
+        "policy.ingress.blocked-users.denied: 2",
+        "policy.ingress.teams.denied: 1",
+        "policy.ingress.per-user.exceeded: ",
+    ] {
+        assert!(stats.contains(want), "missing {want:?} in\n{stats}");
+    }
+    let dump = curl_ok(&[&format!("http://{admin}/config_dump")]);
+    assert!(
+        dump.contains("\"per-user\"") && dump.contains("blocked-users"),
+        "the policy is in /config_dump"
+    );
+}
+
+#[test]
+fn list_files_are_reloaded_when_they_change() {
+    let (_svc, svc) = sample_service("svc");
+    let (p, listen, admin, dir) = http_sidecar(POLICY, svc);
+    let url = format!("http://{listen}/");
+    assert_eq!(status(&url, &["x-user: a", "x-team: green"]), "403");
+    std::fs::write(dir.path("teams.txt"), "red\ngreen\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&url, &["x-user: a", "x-team: green"]) != "200" {
+        assert!(
+            Instant::now() < deadline,
+            "the list was not reloaded; log:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A file that no longer parses is logged and the entries in force stay.
+    std::fs::remove_file(dir.path("teams.txt")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !curl_ok(&[&format!("http://{admin}/stats?filter=list_reload_failed")]).contains("list_reload_failed: 1") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload failure counted; log:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status(&url, &["x-user: a", "x-team: green"]), "200");
+}
