@@ -830,10 +830,11 @@ mod tests {
         // Known keys are still served while the quota is full.
         assert!(q.alloc(&as_user("ann"), 1, t0 + 2 * S).granted);
         assert_eq!(q.len(), 2);
-        // The window ended: both old keys hold nothing and go.
+        // The window ended: the old keys hold nothing, so at least one goes (eviction stops once
+        // there is room; which keys go depends on the shards they hashed to, seeded per process).
         let g = q.alloc(&as_user("carol"), 1, t0 + 10 * S);
         assert_eq!((g.granted, g.remaining), (true, 2));
-        assert_eq!(q.len(), 1);
+        assert!((1..=2).contains(&q.len()), "{} keys", q.len());
         // A returning key starts afresh, as it would have anyway.
         assert_eq!(q.alloc(&as_user("ann"), 1, t0 + 11 * S).remaining, 2);
     }
