@@ -472,6 +472,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
             parts: &parts,
             host: authority(&parts),
             remote: st.cx.remote,
+            remote_ip: st.cx.remote_ip.to_str().unwrap_or(""),
             local: st.cx.local,
             tls: st.cx.tls.as_deref(),
             scheme: st.cx.scheme,

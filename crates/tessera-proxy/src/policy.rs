@@ -245,6 +245,8 @@ pub(crate) struct HttpAttrs<'a> {
     pub(crate) parts: &'a http::request::Parts,
     pub(crate) host: &'a str,
     pub(crate) remote: SocketAddr,
+    /// `remote`'s IP as text, made once per connection.
+    pub(crate) remote_ip: &'a str,
     pub(crate) local: SocketAddr,
     pub(crate) tls: Option<&'a crate::tls::TlsInfo>,
     pub(crate) scheme: &'static str,
@@ -259,7 +261,7 @@ fn principal(tls: Option<&crate::tls::TlsInfo>) -> Option<Cow<'_, str>> {
 impl Attributes for HttpAttrs<'_> {
     fn get(&self, a: &Attr) -> Option<Cow<'_, str>> {
         Some(match a {
-            Attr::SourceIp => Cow::Owned(self.remote.ip().to_string()),
+            Attr::SourceIp => Cow::Borrowed(self.remote_ip),
             Attr::SourcePort => Cow::Owned(self.remote.port().to_string()),
             Attr::SourcePrincipal => return principal(self.tls),
             Attr::DestinationPort => Cow::Owned(self.local.port().to_string()),
@@ -298,6 +300,8 @@ pub(crate) struct RpcAttrs<'a> {
     pub(crate) keys: &'a tessera_rpc::RouteKeys<'a>,
     pub(crate) protocol: &'static str,
     pub(crate) remote: SocketAddr,
+    /// `remote`'s IP as text, made once per connection.
+    pub(crate) remote_ip: &'a str,
     pub(crate) local: SocketAddr,
 }
 
@@ -306,7 +310,7 @@ impl Attributes for RpcAttrs<'_> {
         let k = self.keys;
         let non_empty = |s: &'_ str| (!s.is_empty()).then_some(());
         Some(match a {
-            Attr::SourceIp => Cow::Owned(self.remote.ip().to_string()),
+            Attr::SourceIp => Cow::Borrowed(self.remote_ip),
             Attr::SourcePort => Cow::Owned(self.remote.port().to_string()),
             Attr::DestinationPort => Cow::Owned(self.local.port().to_string()),
             Attr::RpcProtocol | Attr::ContextProtocol => Cow::Borrowed(self.protocol),

@@ -411,6 +411,8 @@ struct Downstream {
     deadlines: Deadlines,
     out: BytesMut,
     remote: SocketAddr,
+    /// `remote`'s IP as text, for policies.
+    remote_ip: String,
     local: SocketAddr,
     conn_id: u64,
     sink: Option<LogSink>,
@@ -484,6 +486,7 @@ pub(crate) async fn serve(
         deadlines: Deadlines::default(),
         out: BytesMut::new(),
         remote,
+        remote_ip: remote.ip().to_string(),
         local,
         conn_id: id,
     };
@@ -726,6 +729,7 @@ impl Downstream {
                 keys: &keys,
                 protocol: frame.protocol.name(),
                 remote: self.remote,
+                remote_ip: &self.remote_ip,
                 local: self.local,
             };
             match policy.evaluate(&attrs) {
