@@ -17,6 +17,11 @@ use tessera_policy::{Algorithm, Attr, Attributes, Entries, ListChecker, ListKind
 
 use crate::stats::{Counter, Scope, Stats};
 
+/// Policies in use, by (stat prefix, configuration): a reload that keeps a policy keeps its
+/// runtime. Only configuration changes take the lock.
+type Live = std::collections::HashMap<(String, String), Weak<PolicyRt>>;
+static LIVE: std::sync::LazyLock<std::sync::Mutex<Live>> = std::sync::LazyLock::new(Default::default);
+
 /// How often list files are looked at.
 const FILE_CHECK: Duration = Duration::from_secs(1);
 
@@ -91,11 +96,25 @@ fn modified(path: &PathBuf) -> Option<SystemTime> {
 }
 
 impl PolicyRt {
-    /// The runtime for `cfg`, `None` when it is empty. Stats go under `policy.<prefix>.`.
+    /// The runtime for `cfg`, `None` when it is empty. Stats go under `policy.<prefix>.`. A
+    /// policy that a reload leaves unchanged (same prefix, same configuration) is the same
+    /// runtime, so quota windows and counts carry over and old and new connections share them.
     pub(crate) fn new(cfg: &model::Policy, prefix: &str, stats: &Stats) -> Result<Option<Arc<PolicyRt>>, String> {
         if cfg.is_empty() {
             return Ok(None);
         }
+        let key = (prefix.to_string(), serde_json::to_string(cfg).unwrap_or_default());
+        let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        live.retain(|_, w| w.strong_count() > 0);
+        if let Some(p) = live.get(&key).and_then(Weak::upgrade) {
+            return Ok(Some(p));
+        }
+        let p = PolicyRt::build(cfg, prefix, stats)?;
+        live.insert(key, Arc::downgrade(&p));
+        Ok(Some(p))
+    }
+
+    fn build(cfg: &model::Policy, prefix: &str, stats: &Stats) -> Result<Arc<PolicyRt>, String> {
         let scope = Scope::tagged("policy", "envoy_policy_prefix", prefix);
         let mut checks = Vec::with_capacity(cfg.checks.len());
         for c in &cfg.checks {
@@ -163,7 +182,7 @@ impl PolicyRt {
         if rt.checks.iter().any(|c| c.file.is_some()) {
             spawn_file_watch(Arc::downgrade(&rt));
         }
-        Ok(Some(rt))
+        Ok(rt)
     }
 
     /// Checks in order (the first denial answers), then quotas.

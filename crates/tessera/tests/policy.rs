@@ -154,3 +154,30 @@ fn list_files_are_reloaded_when_they_change() {
     }
     assert_eq!(status(&url, &["x-user: a", "x-team: green"]), "200");
 }
+
+#[test]
+fn unchanged_policies_keep_their_quota_across_reloads() {
+    let (_svc, svc) = sample_service("svc");
+    let (p, listen, _admin, dir) = http_sidecar(POLICY, svc);
+    let url = format!("http://{listen}/");
+    let ann = ["x-user: ann", "x-team: red"];
+    for _ in 0..5 {
+        assert_eq!(status(&url, &ann), "200");
+    }
+    let reloads = |p: &Proc| p.log().matches("configuration reloaded").count();
+    let reload = |n: usize| {
+        p.signal("HUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reloads(&p) < n {
+            assert!(Instant::now() < deadline, "no reload; log:\n{}", p.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    reload(1);
+    assert_eq!(status(&url, &ann), "429", "the same policy keeps its windows");
+    let f = dir.path("p.yaml");
+    let yaml = std::fs::read_to_string(&f).unwrap().replace("max: 5", "max: 6");
+    std::fs::write(&f, yaml).unwrap();
+    reload(2);
+    assert_eq!(status(&url, &ann), "200", "a changed quota starts afresh");
+}
