@@ -7,6 +7,9 @@
 //!   to write) and the [`Attributes`] trait the proxy implements over its borrowed request view.
 //! - [`list`]: Mixer's listchecker — allow/deny lists of strings, regexes or IP/CIDR ranges over
 //!   any attribute, answering a [`Verdict`] with a reason.
+//! - [`rbac`]: RBAC with Envoy's RBAC v3 semantics (ALLOW/DENY/LOG policies of permissions and
+//!   principals, shadow rules that are only reported), in the form Istio's AuthorizationPolicy
+//!   compiles to, answering an [`RbacDecision`] whose denials say `RBAC: access denied`.
 //! - [`quota`]: Mixer's memquota — fixed-window and token-bucket quotas per key of dimension
 //!   values, with overrides, exact under concurrency, in bounded memory.
 //!
@@ -17,19 +20,24 @@
 //! types), no knowledge of HTTP status codes or RPC error frames (the proxy maps a denial to
 //! 403 / 429 / PERMISSION_DENIED / native RPC errors).
 //!
-//! Not built yet: RBAC with Envoy's RBAC v3 semantics, OPA/Rego evaluation with `regorus`, the
-//! Redis quota (Lua scripts, fail-open/closed, Istio-style prefetch), Report (a separate
-//! `tessera-telemetry` crate), and the wiring into the proxy's stream filters and YAML.
+//! Not built yet: OPA/Rego evaluation with `regorus`, the Redis quota (Lua scripts,
+//! fail-open/closed, Istio-style prefetch), Report (a separate `tessera-telemetry` crate), and the
+//! wiring of RBAC into the proxy's stream filters and YAML (list checks and quotas are wired).
 
 use std::borrow::Cow;
 
 pub mod attr;
 pub mod list;
 pub mod quota;
+pub mod rbac;
 
 pub use attr::{Attr, AttrError, Attributes, MapAttributes};
 pub use list::{Entries, ListChecker, ListError, ListKind, parse_entries};
 pub use quota::{Algorithm, Denial, Grant, Override, Quota, QuotaError, QuotaSpec};
+pub use rbac::{
+    Action, CidrRange, HeaderMatcher, Permission, Policy, Principal, Rbac, RbacDecision, RbacEngine, RbacError,
+    RbacFilter, RbacOutcome, StringMatcher,
+};
 
 /// A check's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
