@@ -25,19 +25,48 @@ impl Policy {
         self.checks.is_empty() && self.quotas.is_empty()
     }
 
-    /// Every attribute the checks and quotas read.
-    pub fn attributes(&self) -> impl Iterator<Item = &str> {
-        let checks = self.checks.iter().map(|c| match c {
-            Check::List(l) => l.attribute.as_str(),
-        });
-        let quotas = self.quotas.iter().flat_map(|q| {
-            q.dimensions.iter().map(String::as_str).chain(
+    /// Every attribute the checks and quotas read (RBAC headers as `request.headers[name]`; `*`
+    /// when an OPA check may read any).
+    pub fn attributes(&self) -> Vec<String> {
+        fn perm(p: &Permission, out: &mut Vec<String>) {
+            match p {
+                Permission::AndRules(v) | Permission::OrRules(v) => v.iter().for_each(|p| perm(p, out)),
+                Permission::NotRule(p) => perm(p, out),
+                Permission::Header(h) => out.push(format!("request.headers[{}]", h.name)),
+                _ => {}
+            }
+        }
+        fn princ(p: &Principal, out: &mut Vec<String>) {
+            match p {
+                Principal::AndIds(v) | Principal::OrIds(v) => v.iter().for_each(|p| princ(p, out)),
+                Principal::NotId(p) => princ(p, out),
+                Principal::Header(h) => out.push(format!("request.headers[{}]", h.name)),
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        for c in &self.checks {
+            match c {
+                Check::List(l) => out.push(l.attribute.clone()),
+                // Rego may read any attribute.
+                Check::Opa(_) => out.push("*".to_string()),
+                Check::Rbac(r) => {
+                    for (_, p) in &r.policies {
+                        p.permissions.iter().for_each(|x| perm(x, &mut out));
+                        p.principals.iter().for_each(|x| princ(x, &mut out));
+                    }
+                }
+            }
+        }
+        for q in &self.quotas {
+            out.extend(q.dimensions.iter().cloned());
+            out.extend(
                 q.overrides
                     .iter()
-                    .flat_map(|o| o.dimensions.iter().map(|(k, _)| k.as_str())),
-            )
-        });
-        checks.chain(quotas)
+                    .flat_map(|o| o.dimensions.iter().map(|(k, _)| k.clone())),
+            );
+        }
+        out
     }
 }
 
@@ -47,6 +76,10 @@ impl Policy {
 pub enum Check {
     /// Mixer's listchecker: an attribute's value against a list.
     List(ListCheck),
+    /// Envoy's RBAC filter (what Istio's AuthorizationPolicy compiles to).
+    Rbac(RbacCheck),
+    /// A Rego policy evaluated in process.
+    Opa(OpaCheck),
 }
 
 impl Check {
@@ -54,8 +87,122 @@ impl Check {
     pub fn name(&self) -> &str {
         match self {
             Check::List(l) => &l.name,
+            Check::Rbac(r) => &r.name,
+            Check::Opa(o) => &o.name,
         }
     }
+}
+
+/// An OPA check: Rego modules evaluated in process (regorus) with the request's attributes as
+/// `input`; the query's value decides.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpaCheck {
+    /// Unique among the chain's checks.
+    pub name: String,
+    /// Rego files, watched and reloaded when they change.
+    pub files: Vec<PathBuf>,
+    /// A Rego module written in the config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rego: Option<String>,
+    /// The rule that decides, e.g. `data.tessera.authz.allow`: `true` allows; `false`, undefined
+    /// or an object whose `allowed` is not `true` denies (the object's `reason` is the reason).
+    pub query: String,
+    /// When evaluation fails (a runtime error, a non-boolean result): allow (`true`) or deny
+    /// (`false`, the default: fail closed).
+    pub fail_open: bool,
+}
+
+/// What an RBAC check does when a policy matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RbacAction {
+    /// Allow only requests some policy matches.
+    Allow,
+    /// Deny requests some policy matches.
+    Deny,
+    /// Allow everything; count and log matches.
+    Log,
+}
+
+/// An RBAC check (Envoy `config.rbac.v3.RBAC`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RbacCheck {
+    /// Unique among the chain's checks.
+    pub name: String,
+    /// ALLOW, DENY or LOG.
+    pub action: RbacAction,
+    /// Only count and log the decision (Envoy's `shadow_rules`); never deny.
+    pub shadow: bool,
+    /// Named policies, in order.
+    pub policies: Vec<(String, RbacPolicy)>,
+}
+
+/// A policy: it matches when any permission and any principal match.
+#[derive(Debug, Clone, Serialize)]
+pub struct RbacPolicy {
+    /// What the request does.
+    pub permissions: Vec<Permission>,
+    /// Who sends it.
+    pub principals: Vec<Principal>,
+}
+
+/// A string comparison that may ignore ASCII case (Envoy's `StringMatcher`).
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseMatch {
+    /// The comparison.
+    #[serde(flatten)]
+    pub matcher: crate::config::StringMatch,
+    /// Compare ignoring ASCII case (not for regexes).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_case: bool,
+}
+
+/// What a request does (Envoy `Permission`, plus RPC service and method).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Permission {
+    /// Anything.
+    Any,
+    /// All of these.
+    AndRules(Vec<Permission>),
+    /// One of these.
+    OrRules(Vec<Permission>),
+    /// Not this.
+    NotRule(Box<Permission>),
+    /// A request header.
+    Header(crate::config::HeaderMatcher),
+    /// The path without the query.
+    UrlPath(CaseMatch),
+    /// The HTTP method (Istio's `methods`).
+    Method(String),
+    /// The port the request arrived on.
+    DestinationPort(u16),
+    /// A port range, end exclusive.
+    DestinationPortRange(u16, u16),
+    /// The RPC service.
+    RpcService(CaseMatch),
+    /// The RPC method.
+    RpcMethod(CaseMatch),
+}
+
+/// Who sends a request (Envoy `Principal`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Principal {
+    /// Anyone.
+    Any,
+    /// All of these.
+    AndIds(Vec<Principal>),
+    /// One of these.
+    OrIds(Vec<Principal>),
+    /// Not this.
+    NotId(Box<Principal>),
+    /// The mTLS peer's identity (URI SAN), e.g. `spiffe://cluster.local/ns/default/sa/sleep`.
+    Authenticated(CaseMatch),
+    /// The client's address.
+    SourceIp(#[serde(serialize_with = "crate::config::ser_display")] crate::decode::Cidr),
+    /// A request header.
+    Header(crate::config::HeaderMatcher),
 }
 
 /// What the entries of a list are.

@@ -214,11 +214,26 @@ impl fmt::Display for Attr {
 pub trait Attributes {
     /// The value of `attr`, or `None` when the request does not have it.
     fn get(&self, attr: &Attr) -> Option<Cow<'_, str>>;
+
+    /// Calls `f` with every request header (lower-case name, value), for policies that read
+    /// them all (OPA's `input.request.headers`). Repeated headers come once each.
+    fn each_header(&self, _f: &mut dyn FnMut(&str, &str)) {}
+
+    /// Calls `f` with every RPC header or attachment (`input.rpc.attachments`).
+    fn each_attachment(&self, _f: &mut dyn FnMut(&str, &str)) {}
 }
 
 impl<T: Attributes + ?Sized> Attributes for &T {
     fn get(&self, attr: &Attr) -> Option<Cow<'_, str>> {
         (**self).get(attr)
+    }
+
+    fn each_header(&self, f: &mut dyn FnMut(&str, &str)) {
+        (**self).each_header(f)
+    }
+
+    fn each_attachment(&self, f: &mut dyn FnMut(&str, &str)) {
+        (**self).each_attachment(f)
     }
 }
 
@@ -258,6 +273,22 @@ impl MapAttributes {
 impl Attributes for MapAttributes {
     fn get(&self, attr: &Attr) -> Option<Cow<'_, str>> {
         self.values.get(attr).map(|v| Cow::Borrowed(v.as_str()))
+    }
+
+    fn each_header(&self, f: &mut dyn FnMut(&str, &str)) {
+        for (k, v) in &self.values {
+            if let Attr::RequestHeader(name) = k {
+                f(name, v);
+            }
+        }
+    }
+
+    fn each_attachment(&self, f: &mut dyn FnMut(&str, &str)) {
+        for (k, v) in &self.values {
+            if let Attr::RpcAttachment(name) = k {
+                f(name, v);
+            }
+        }
     }
 }
 

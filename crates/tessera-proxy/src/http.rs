@@ -482,7 +482,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
             Outcome::Allow => {}
             Outcome::Deny(reason) => {
                 stats.policy_denied.inc();
-                let text = format!("PERMISSION_DENIED: {reason}");
+                let text = reason;
                 return Ok(local_reply(
                     st,
                     grpc,

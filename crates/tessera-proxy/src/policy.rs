@@ -13,7 +13,10 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tessera_model as model;
-use tessera_policy::{Algorithm, Attr, Attributes, Entries, ListChecker, ListKind, Override, Quota, QuotaSpec};
+use tessera_policy::{
+    Action, Algorithm, Attr, Attributes, CidrRange, Entries, ListChecker, ListKind, Opa, Override, Permission,
+    Principal, Quota, QuotaSpec, Rbac, RbacEngine, StringMatcher,
+};
 
 use crate::stats::{Counter, Scope, Stats};
 
@@ -28,7 +31,8 @@ const FILE_CHECK: Duration = Duration::from_secs(1);
 /// What the policy says about a request.
 pub(crate) enum Outcome {
     Allow,
-    /// A check denied it: the reason names the check, the attribute and its value.
+    /// A check denied it: the answer's text (`RBAC: access denied` for RBAC, as Envoy says it;
+    /// `PERMISSION_DENIED: <check>: <reason>` otherwise).
     Deny(String),
     /// A quota is used up.
     OverQuota {
@@ -40,11 +44,42 @@ pub(crate) enum Outcome {
 }
 
 struct CheckRt {
-    checker: ArcSwap<ListChecker>,
-    /// Where more entries come from, and what the config itself listed.
-    file: Option<ListFile>,
+    name: String,
+    kind: CheckKind,
     allowed: Arc<Counter>,
     denied: Arc<Counter>,
+}
+
+enum CheckKind {
+    List {
+        checker: ArcSwap<ListChecker>,
+        /// Where more entries come from, and what the config itself listed.
+        file: Option<ListFile>,
+    },
+    Rbac {
+        engine: RbacEngine,
+        /// Only counted (`shadow_allowed` / `shadow_denied`) and logged, never enforced.
+        shadow: Option<(Arc<Counter>, Arc<Counter>)>,
+        /// LOG policies that matched.
+        logged: Arc<Counter>,
+    },
+    Opa {
+        opa: ArcSwap<Opa>,
+        files: Option<RegoFiles>,
+        /// Evaluations that failed (fail_open answered).
+        errors: Arc<Counter>,
+    },
+}
+
+/// The Rego files of an OPA check, watched like list files.
+struct RegoFiles {
+    paths: Vec<PathBuf>,
+    inline: Option<String>,
+    query: String,
+    fail_open: bool,
+    modified: std::sync::Mutex<Vec<Option<SystemTime>>>,
+    reloaded: Arc<Counter>,
+    reload_failed: Arc<Counter>,
 }
 
 struct ListFile {
@@ -118,27 +153,38 @@ impl PolicyRt {
         let scope = Scope::tagged("policy", "envoy_policy_prefix", prefix);
         let mut checks = Vec::with_capacity(cfg.checks.len());
         for c in &cfg.checks {
-            let model::Check::List(l) = c;
-            let s = scope.child("policy_check", &l.name);
-            let k = kind(l.kind);
-            let entries = match &l.file {
-                Some(path) => list_entries(path, &l.entries, k, l.case_insensitive),
-                None => Entries::compile(k, l.entries.iter().map(String::as_str), l.case_insensitive)
-                    .map_err(|e| e.to_string()),
-            }
-            .map_err(|e| format!("check `{}`: {e}", l.name))?;
-            let checker = ListChecker::new(l.name.as_str(), attr(&l.attribute)?, l.blacklist, Arc::new(entries));
+            let s = scope.child("policy_check", c.name());
+            let kind = match c {
+                model::Check::List(l) => list_check(l, stats, &s)?,
+                model::Check::Rbac(r) => CheckKind::Rbac {
+                    engine: RbacEngine::new(rbac(r)?).map_err(|e| format!("check `{}`: {e}", r.name))?,
+                    shadow: r
+                        .shadow
+                        .then(|| (stats.counter(&s, "shadow_allowed"), stats.counter(&s, "shadow_denied"))),
+                    logged: stats.counter(&s, "logged"),
+                },
+                model::Check::Opa(o) => {
+                    let modules = rego_modules(&o.files, o.rego.as_deref())?;
+                    let opa =
+                        Opa::new(&modules, &o.query, o.fail_open).map_err(|e| format!("check `{}`: {e}", o.name))?;
+                    CheckKind::Opa {
+                        opa: ArcSwap::from_pointee(opa),
+                        files: (!o.files.is_empty()).then(|| RegoFiles {
+                            modified: std::sync::Mutex::new(o.files.iter().map(modified).collect()),
+                            paths: o.files.clone(),
+                            inline: o.rego.clone(),
+                            query: o.query.clone(),
+                            fail_open: o.fail_open,
+                            reloaded: stats.counter(&s, "rego_reloaded"),
+                            reload_failed: stats.counter(&s, "rego_reload_failed"),
+                        }),
+                        errors: stats.counter(&s, "error"),
+                    }
+                }
+            };
             checks.push(CheckRt {
-                checker: ArcSwap::from_pointee(checker),
-                file: l.file.as_ref().map(|path| ListFile {
-                    modified: std::sync::Mutex::new(modified(path)),
-                    path: path.clone(),
-                    inline: l.entries.clone(),
-                    kind: k,
-                    case_insensitive: l.case_insensitive,
-                    reloaded: stats.counter(&s, "list_reloaded"),
-                    reload_failed: stats.counter(&s, "list_reload_failed"),
-                }),
+                name: c.name().to_string(),
+                kind,
                 allowed: stats.counter(&s, "allowed"),
                 denied: stats.counter(&s, "denied"),
             });
@@ -179,7 +225,7 @@ impl PolicyRt {
             });
         }
         let rt = Arc::new(PolicyRt { checks, quotas });
-        if rt.checks.iter().any(|c| c.file.is_some()) {
+        if rt.checks.iter().any(CheckRt::watches_files) {
             spawn_file_watch(Arc::downgrade(&rt));
         }
         Ok(rt)
@@ -188,11 +234,9 @@ impl PolicyRt {
     /// Checks in order (the first denial answers), then quotas.
     pub(crate) fn evaluate(&self, attrs: &dyn Attributes) -> Outcome {
         for c in &self.checks {
-            let checker = c.checker.load();
-            let v = checker.check(attrs);
-            if !v.allowed {
+            if let Some(denial) = c.evaluate(attrs) {
                 c.denied.inc();
-                return Outcome::Deny(format!("{}: {}", checker.name(), v.reason));
+                return Outcome::Deny(denial);
             }
             c.allowed.inc();
         }
@@ -219,27 +263,236 @@ impl PolicyRt {
     /// runs it off the request path).
     fn refresh_files(&self) {
         for c in &self.checks {
-            let Some(f) = &c.file else { continue };
-            let now = modified(&f.path);
-            let mut seen = f.modified.lock().unwrap_or_else(|p| p.into_inner());
-            if now == *seen {
-                continue;
-            }
-            *seen = now;
-            match list_entries(&f.path, &f.inline, f.kind, f.case_insensitive) {
-                Ok(entries) => {
-                    let next = c.checker.load().with_entries(Arc::new(entries));
-                    c.checker.store(Arc::new(next));
-                    f.reloaded.inc();
-                    tracing::info!(file = %f.path.display(), check = c.checker.load().name(), "list reloaded");
-                }
-                Err(e) => {
-                    f.reload_failed.inc();
-                    tracing::warn!(error = %e, "list file not reloaded; keeping the previous entries");
-                }
+            match &c.kind {
+                CheckKind::List { checker, file: Some(f) } => f.refresh(checker, &c.name),
+                CheckKind::Opa {
+                    opa, files: Some(f), ..
+                } => f.refresh(opa, &c.name),
+                _ => {}
             }
         }
     }
+}
+
+impl CheckRt {
+    fn watches_files(&self) -> bool {
+        matches!(
+            self.kind,
+            CheckKind::List { file: Some(_), .. } | CheckKind::Opa { files: Some(_), .. }
+        )
+    }
+
+    /// `None` when the check lets the request through; otherwise the answer's text.
+    fn evaluate(&self, attrs: &dyn Attributes) -> Option<String> {
+        match &self.kind {
+            CheckKind::List { checker, .. } => {
+                let checker = checker.load();
+                let v = checker.check(attrs);
+                (!v.allowed).then(|| format!("PERMISSION_DENIED: {}: {}", self.name, v.reason))
+            }
+            CheckKind::Rbac { engine, shadow, logged } => {
+                let d = engine.evaluate(attrs);
+                if d.log {
+                    logged.inc();
+                    tracing::info!(check = %self.name, policy = d.matched_policy.as_deref().unwrap_or("-"), "RBAC log policy matched");
+                }
+                match shadow {
+                    Some((allowed, denied)) => {
+                        if d.allowed {
+                            allowed.inc();
+                        } else {
+                            denied.inc();
+                            tracing::debug!(check = %self.name, reason = %d.reason, "RBAC shadow denial");
+                        }
+                        None
+                    }
+                    None => (!d.allowed).then(|| tessera_policy::rbac::ACCESS_DENIED.to_string()),
+                }
+            }
+            CheckKind::Opa { opa, errors, .. } => {
+                let v = opa.load().evaluate(attrs);
+                if v.error {
+                    errors.inc();
+                    tracing::warn!(check = %self.name, reason = %v.reason, allowed = v.allowed, "OPA evaluation failed");
+                }
+                (!v.allowed).then(|| format!("PERMISSION_DENIED: {}: {}", self.name, v.reason))
+            }
+        }
+    }
+}
+
+impl ListFile {
+    fn refresh(&self, checker: &ArcSwap<ListChecker>, name: &str) {
+        let now = modified(&self.path);
+        let mut seen = self.modified.lock().unwrap_or_else(|p| p.into_inner());
+        if now == *seen {
+            return;
+        }
+        *seen = now;
+        match list_entries(&self.path, &self.inline, self.kind, self.case_insensitive) {
+            Ok(entries) => {
+                let next = checker.load().with_entries(Arc::new(entries));
+                checker.store(Arc::new(next));
+                self.reloaded.inc();
+                tracing::info!(file = %self.path.display(), check = name, "list reloaded");
+            }
+            Err(e) => {
+                self.reload_failed.inc();
+                tracing::warn!(error = %e, check = name, "list file not reloaded; keeping the previous entries");
+            }
+        }
+    }
+}
+
+impl RegoFiles {
+    fn refresh(&self, opa: &ArcSwap<Opa>, name: &str) {
+        let now: Vec<_> = self.paths.iter().map(modified).collect();
+        let mut seen = self.modified.lock().unwrap_or_else(|p| p.into_inner());
+        if now == *seen {
+            return;
+        }
+        *seen = now;
+        let next = rego_modules(&self.paths, self.inline.as_deref())
+            .and_then(|m| Opa::new(&m, &self.query, self.fail_open).map_err(|e| e.to_string()));
+        match next {
+            Ok(next) => {
+                opa.store(Arc::new(next));
+                self.reloaded.inc();
+                tracing::info!(check = name, "Rego policy reloaded");
+            }
+            Err(e) => {
+                self.reload_failed.inc();
+                tracing::warn!(error = %e, check = name, "Rego policy not reloaded; keeping the previous one");
+            }
+        }
+    }
+}
+
+/// Reads the Rego files (and the inline module) as (label, text).
+fn rego_modules(paths: &[PathBuf], inline: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::with_capacity(paths.len() + 1);
+    for p in paths {
+        let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        out.push((p.display().to_string(), text));
+    }
+    if let Some(text) = inline {
+        out.push(("rego (inline)".to_string(), text.to_string()));
+    }
+    Ok(out)
+}
+
+fn list_check(l: &model::ListCheck, stats: &Stats, s: &Scope) -> Result<CheckKind, String> {
+    let k = kind(l.kind);
+    let entries = match &l.file {
+        Some(path) => list_entries(path, &l.entries, k, l.case_insensitive),
+        None => {
+            Entries::compile(k, l.entries.iter().map(String::as_str), l.case_insensitive).map_err(|e| e.to_string())
+        }
+    }
+    .map_err(|e| format!("check `{}`: {e}", l.name))?;
+    let checker = ListChecker::new(l.name.as_str(), attr(&l.attribute)?, l.blacklist, Arc::new(entries));
+    Ok(CheckKind::List {
+        checker: ArcSwap::from_pointee(checker),
+        file: l.file.as_ref().map(|path| ListFile {
+            modified: std::sync::Mutex::new(modified(path)),
+            path: path.clone(),
+            inline: l.entries.clone(),
+            kind: k,
+            case_insensitive: l.case_insensitive,
+            reloaded: stats.counter(s, "list_reloaded"),
+            reload_failed: stats.counter(s, "list_reload_failed"),
+        }),
+    })
+}
+
+fn string_matcher(m: &model::CaseMatch) -> Result<StringMatcher, String> {
+    let base = match &m.matcher {
+        model::StringMatch::Exact(v) => StringMatcher::exact(v.as_str()),
+        model::StringMatch::Prefix(v) => StringMatcher::prefix(v.as_str()),
+        model::StringMatch::Suffix(v) => StringMatcher::suffix(v.as_str()),
+        model::StringMatch::Contains(v) => StringMatcher::contains(v.as_str()),
+        model::StringMatch::SafeRegex(p) => StringMatcher::regex(p.raw.as_str()).map_err(|e| e.to_string())?,
+    };
+    Ok(if m.ignore_case { base.ignoring_case() } else { base })
+}
+
+fn header_matcher(h: &model::HeaderMatcher) -> Result<tessera_policy::HeaderMatcher, String> {
+    let m = match &h.spec {
+        model::HeaderMatchSpec::Present(true) => tessera_policy::HeaderMatcher::present(h.name.as_str()),
+        model::HeaderMatchSpec::Present(false) => tessera_policy::HeaderMatcher::present(h.name.as_str()).inverted(),
+        model::HeaderMatchSpec::String { matcher, ignore_case } => tessera_policy::HeaderMatcher::new(
+            h.name.as_str(),
+            string_matcher(&model::CaseMatch {
+                matcher: matcher.clone(),
+                ignore_case: *ignore_case,
+            })?,
+        ),
+        model::HeaderMatchSpec::Range { .. } => {
+            return Err(format!(
+                "RBAC header `{}`: range_match is not supported in RBAC",
+                h.name
+            ));
+        }
+    };
+    Ok(if h.invert_match { m.inverted() } else { m })
+}
+
+fn permission(p: &model::Permission) -> Result<Permission, String> {
+    use model::Permission as M;
+    let all = |v: &[M]| v.iter().map(permission).collect::<Result<Vec<_>, _>>();
+    Ok(match p {
+        M::Any => Permission::Any,
+        M::AndRules(v) => Permission::AndRules(all(v)?),
+        M::OrRules(v) => Permission::OrRules(all(v)?),
+        M::NotRule(p) => Permission::NotRule(Box::new(permission(p)?)),
+        M::Header(h) => Permission::Header(header_matcher(h)?),
+        M::UrlPath(m) => Permission::UrlPath(string_matcher(m)?),
+        M::Method(m) => Permission::Method(m.clone()),
+        M::DestinationPort(p) => Permission::DestinationPort(*p),
+        M::DestinationPortRange(a, b) => Permission::DestinationPortRange(*a, *b),
+        M::RpcService(m) => Permission::RpcService(string_matcher(m)?),
+        M::RpcMethod(m) => Permission::RpcMethod(string_matcher(m)?),
+    })
+}
+
+fn principal_rule(p: &model::Principal) -> Result<Principal, String> {
+    use model::Principal as M;
+    let all = |v: &[M]| v.iter().map(principal_rule).collect::<Result<Vec<_>, _>>();
+    Ok(match p {
+        M::Any => Principal::Any,
+        M::AndIds(v) => Principal::AndIds(all(v)?),
+        M::OrIds(v) => Principal::OrIds(all(v)?),
+        M::NotId(p) => Principal::NotId(Box::new(principal_rule(p)?)),
+        M::Authenticated(m) => Principal::Authenticated(string_matcher(m)?),
+        M::SourceIp(c) => Principal::SourceIp(CidrRange::parse(&c.to_string()).map_err(|e| e.to_string())?),
+        M::Header(h) => Principal::Header(header_matcher(h)?),
+    })
+}
+
+fn rbac(r: &model::RbacCheck) -> Result<Rbac, String> {
+    let policies = r
+        .policies
+        .iter()
+        .map(|(name, p)| {
+            let permissions = p.permissions.iter().map(permission).collect::<Result<_, _>>();
+            let principals = p.principals.iter().map(principal_rule).collect::<Result<_, _>>();
+            Ok((
+                name.clone(),
+                tessera_policy::Policy {
+                    permissions: permissions.map_err(|e| format!("check `{}` policy `{name}`: {e}", r.name))?,
+                    principals: principals.map_err(|e: String| format!("check `{}` policy `{name}`: {e}", r.name))?,
+                },
+            ))
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(Rbac {
+        action: match r.action {
+            model::RbacAction::Allow => Action::Allow,
+            model::RbacAction::Deny => Action::Deny,
+            model::RbacAction::Log => Action::Log,
+        },
+        policies,
+    })
 }
 
 /// Looks at the list files every second while the policy lives; the reads run on the blocking
@@ -312,6 +565,21 @@ impl Attributes for HttpAttrs<'_> {
             _ => return None,
         })
     }
+
+    fn each_header(&self, f: &mut dyn FnMut(&str, &str)) {
+        let headers = &self.parts.headers;
+        for name in headers.keys() {
+            let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+            let Some(first) = values.next() else { continue };
+            match values.next() {
+                None => f(name.as_str(), first),
+                Some(second) => {
+                    let joined = [first, second].into_iter().chain(values).collect::<Vec<_>>().join(",");
+                    f(name.as_str(), &joined);
+                }
+            }
+        }
+    }
 }
 
 /// An RPC request as policies see it.
@@ -357,5 +625,15 @@ impl Attributes for RpcAttrs<'_> {
             ),
             _ => return None,
         })
+    }
+
+    fn each_header(&self, f: &mut dyn FnMut(&str, &str)) {
+        self.each_attachment(f)
+    }
+
+    fn each_attachment(&self, f: &mut dyn FnMut(&str, &str)) {
+        for (k, v) in &self.keys.headers {
+            f(k, v);
+        }
     }
 }

@@ -155,10 +155,9 @@ impl RpcChainRt {
                         .local_rate_limit
                         .as_ref()
                         .is_some_and(|l| matches!(l.descriptor, Some(model::RateLimitKey::Header(_))))
-            }) || cfg
-                .policy
-                .attributes()
-                .any(|a| a.starts_with("rpc.attachments[") || a.starts_with("request.headers[") || a == "rpc.group"),
+            }) || cfg.policy.attributes().iter().any(|a| {
+                a == "*" || a.starts_with("rpc.attachments[") || a.starts_with("request.headers[") || a == "rpc.group"
+            }),
             limits: Limits {
                 max_frame: cfg.max_frame_bytes as usize,
                 ..Limits::default()
@@ -736,11 +735,7 @@ impl Downstream {
                 PolicyOutcome::Allow => {}
                 PolicyOutcome::Deny(reason) => {
                     st.policy_denied.inc();
-                    let d = local(
-                        Failure::Denied,
-                        format!("PERMISSION_DENIED: {reason}"),
-                        ResponseFlags::UNAUTHORIZED_EXTERNAL_SERVICE,
-                    );
+                    let d = local(Failure::Denied, reason, ResponseFlags::UNAUTHORIZED_EXTERNAL_SERVICE);
                     return Ok((d, ms, log));
                 }
                 PolicyOutcome::OverQuota { name, .. } => {

@@ -236,3 +236,46 @@ fn tcp_example_proxies_bytes() {
     let stats = curl_ok(&[&format!("http://{admin}/stats?filter=%5Etcp")]);
     assert!(stats.contains("tcp.tcp.downstream_cx_total: "), "{stats}");
 }
+
+/// `examples/policy.yaml` as shipped (with its Rego file), with free ports: the deny list, the
+/// Rego policy (only GET unless `x-role: admin`) and five requests a minute per `x-user`.
+#[test]
+fn policy_example_denies_limits_and_runs_rego() {
+    let (_svc, svc_addr) = sample_service("policy-backend");
+    let dir = TempDir::new("policyex");
+    let cfg = std::fs::read_to_string(repo().join("examples/policy.yaml"))
+        .unwrap()
+        .replace("127.0.0.1:18080", &svc_addr.to_string())
+        .replace("127.0.0.1:10000", "127.0.0.1:0")
+        .replace("127.0.0.1:9901", "127.0.0.1:0");
+    std::fs::copy(repo().join("examples/policy.rego"), dir.path("policy.rego")).unwrap();
+    let f = dir.write("policy.yaml", &cfg);
+    let p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
+    let admin = p.logged_addr("admin API ready", Duration::from_secs(20));
+    let listen = p.logged_addr("listener=http ", Duration::from_secs(20));
+    let url = format!("http://{listen}/");
+    let code = |args: &[&str]| {
+        let mut all = vec!["-s", "-o", "/dev/null", "-w", "%{http_code}"];
+        all.extend_from_slice(args);
+        all.push(&url);
+        curl_ok(&all)
+    };
+    assert_eq!(code(&["-H", "x-user: blocked"]), "403");
+    assert_eq!(code(&["-X", "POST", "-H", "x-user: bob"]), "403");
+    let out = curl_ok(&["-s", "-X", "POST", "-H", "x-user: carl", &url]);
+    assert!(
+        out.contains("PERMISSION_DENIED: rego: OPA: denied by `data.tessera.authz.allow`"),
+        "{out}"
+    );
+    assert_eq!(code(&["-X", "POST", "-H", "x-user: bob", "-H", "x-role: admin"]), "200");
+    let codes: Vec<String> = (0..6).map(|_| code(&["-H", "x-user: ann"])).collect();
+    assert_eq!(codes, ["200", "200", "200", "200", "200", "429"]);
+    let stats = curl_ok(&[&format!("http://{admin}/stats?filter=%5Epolicy")]);
+    for want in [
+        "policy.ingress_http.blocked-users.denied: 1",
+        "policy.ingress_http.rego.denied: 2",
+        "policy.ingress_http.per-user.exceeded: 1",
+    ] {
+        assert!(stats.contains(want), "missing {want:?} in\n{stats}");
+    }
+}

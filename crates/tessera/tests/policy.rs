@@ -1,4 +1,4 @@
-//! Check and Quota in the sidecar (issue 7, first part: list checks and memory quotas), through
+//! Check and Quota in the sidecar (issue 7: list, RBAC and OPA checks, memory quotas), through
 //! the real binary with real clients: curl for HTTP and gRPC framing, the npm Dubbo client and
 //! server for RPC.
 
@@ -10,7 +10,20 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn http_sidecar(policy: &str, upstream: SocketAddr) -> (Proc, SocketAddr, SocketAddr, TempDir) {
+    http_sidecar_with(policy, upstream, &[])
+}
+
+/// Writes `files` into the sidecar's directory first; `DIR/` in the policy names that directory.
+fn http_sidecar_with(
+    policy: &str,
+    upstream: SocketAddr,
+    files: &[(&str, &str)],
+) -> (Proc, SocketAddr, SocketAddr, TempDir) {
     let dir = TempDir::new("policy");
+    for (name, text) in files {
+        std::fs::write(dir.path(name), text).unwrap();
+    }
+    let policy = policy.replace("DIR/", &format!("{}/", dir.path("").display()));
     let yaml = format!(
         r#"admin: {{ address: "127.0.0.1:0" }}
 listeners:
@@ -180,4 +193,138 @@ fn unchanged_policies_keep_their_quota_across_reloads() {
     std::fs::write(&f, yaml).unwrap();
     reload(2);
     assert_eq!(status(&url, &ann), "200", "a changed quota starts afresh");
+}
+
+/// RBAC as Istio's AuthorizationPolicy compiles to it: an ALLOW policy (GET on /info*, or
+/// anything from 127.0.0.0/8 with `x-role: admin`), a DENY policy on a header, and a shadow
+/// policy that only counts.
+#[test]
+fn rbac_allow_deny_and_shadow() {
+    let (_svc, svc) = sample_service("svc");
+    let policy = r#"        checks:
+        - rbac:
+            name: deny-blocked
+            action: DENY
+            policies:
+              blocked:
+                permissions: [{ any: true }]
+                principals: [{ header: { name: x-user, exact: blocked } }]
+        - rbac:
+            name: allow-info
+            action: ALLOW
+            policies:
+              readers:
+                permissions:
+                - and_rules: { rules: [{ method: GET }, { url_path: { path: { prefix: /info } } }] }
+                principals: [{ any: true }]
+              admins:
+                permissions: [{ any: true }]
+                principals:
+                - and_ids: { ids: [{ source_ip: 127.0.0.0/8 }, { header: { name: x-role, exact: admin } }] }
+        - rbac:
+            name: audit
+            action: DENY
+            shadow: true
+            policies:
+              everything: { permissions: [{ any: true }], principals: [{ any: true }] }"#;
+    let (_p, listen, admin, _dir) = http_sidecar(policy, svc);
+    let base = format!("http://{listen}");
+    assert_eq!(status(&format!("{base}/info"), &[]), "200");
+    assert_eq!(status(&format!("{base}/info/x"), &[]), "200");
+    let out = curl_ok(&["-i", "-X", "POST", &format!("{base}/info")]);
+    assert!(
+        out.starts_with("HTTP/1.1 403") && out.contains("RBAC: access denied"),
+        "{out}"
+    );
+    assert_eq!(status(&format!("{base}/other"), &[]), "403");
+    assert_eq!(status(&format!("{base}/other"), &["x-role: admin"]), "200");
+    assert_eq!(status(&format!("{base}/info"), &["x-user: blocked"]), "403");
+    let stats = curl_ok(&[&format!("http://{admin}/stats?filter=^policy")]);
+    for want in [
+        "policy.ingress.deny-blocked.denied: 1",
+        "policy.ingress.allow-info.denied: 2",
+        "policy.ingress.audit.shadow_denied: 3",
+    ] {
+        assert!(stats.contains(want), "missing {want:?} in\n{stats}");
+    }
+}
+
+fn nanos_from_now(d: Duration) -> u128 {
+    (std::time::SystemTime::now() + d)
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn wait_for(what: &str, p: &Proc, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}; log:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Real Rego through the sidecar: path-based and time-based rules, an evaluation error that fails
+/// closed, and the file re-read when it changes (a broken edit keeps the policy in force).
+#[test]
+fn opa_rego_paths_time_errors_and_reload() {
+    let (_svc, svc) = sample_service("svc");
+    let deadline = nanos_from_now(Duration::from_secs(8));
+    let rego = |extra: &str| {
+        format!(
+            r#"package mesh.authz
+
+allow if startswith(input.request.url_path, "/public/")
+
+# Open until a moment a few seconds after the sidecar starts.
+allow if {{
+    input.request.url_path == "/timed"
+    time.now_ns() < {deadline}
+}}
+
+# Two values for one complete rule: an evaluation error.
+allow := true if input.request.headers["x-a"] == "1"
+allow := false if input.request.headers["x-b"] == "1"
+{extra}
+"#,
+        )
+    };
+    let policy = r#"        checks:
+        - opa: { name: authz, file: DIR/authz.rego, query: data.mesh.authz.allow }"#;
+    let (p, listen, admin, dir) = http_sidecar_with(policy, svc, &[("authz.rego", &rego(""))]);
+    let start = Instant::now();
+    let base = format!("http://{listen}");
+    assert_eq!(status(&format!("{base}/public/a"), &[]), "200");
+    assert_eq!(status(&format!("{base}/private?to=/public/"), &[]), "403");
+    assert_eq!(status(&format!("{base}/timed"), &[]), "200", "before the deadline");
+    let out = curl_ok(&["-s", "-H", "x-a: 1", "-H", "x-b: 1", &format!("{base}/public/a")]);
+    assert!(
+        out.starts_with("PERMISSION_DENIED: authz: OPA: evaluating"),
+        "fails closed: {out}"
+    );
+    let stats = curl_ok(&[&format!("http://{admin}/stats?filter=authz")]);
+    assert!(stats.contains("policy.ingress.authz.error: 1"), "{stats}");
+
+    // An edit that opens /private is picked up; a broken edit is counted and ignored.
+    std::fs::write(
+        dir.path("authz.rego"),
+        rego(r#"allow if input.request.url_path == "/private""#),
+    )
+    .unwrap();
+    wait_for("the Rego file was not reloaded", &p, || {
+        status(&format!("{base}/private"), &[]) == "200"
+    });
+    std::fs::write(dir.path("authz.rego"), "package mesh.authz\nallow if {").unwrap();
+    wait_for("no reload failure counted", &p, || {
+        curl_ok(&[&format!("http://{admin}/stats?filter=rego_reload_failed")]).contains("rego_reload_failed: 1")
+    });
+    assert_eq!(
+        status(&format!("{base}/private"), &[]),
+        "200",
+        "the last good policy stays"
+    );
+
+    // After the deadline the time-based rule no longer allows.
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(start.elapsed()));
+    assert_eq!(status(&format!("{base}/timed"), &[]), "403", "after the deadline");
 }

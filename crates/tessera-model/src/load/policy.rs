@@ -88,25 +88,30 @@ pub(super) fn policy(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Policy> {
 fn check(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Check> {
     let mut o = Obj::open(ctx, n, p)?;
     let list = o.get("list");
-    let mut unbuilt = false;
-    for (key, what) in [("rbac", "`rbac`"), ("opa", "`opa`")] {
-        if let Some((n, p)) = o.get(key) {
+    let rbac = o.get("rbac");
+    let opa = o.get("opa");
+    o.finish(ctx);
+    match (list, rbac, opa) {
+        (Some((n, p)), None, None) => list_check(ctx, n, &p).map(Check::List),
+        (None, Some((n, p)), None) => rbac_check(ctx, n, &p).map(Check::Rbac),
+        (None, None, Some((n, p))) => opa_check(ctx, n, &p).map(Check::Opa),
+        (None, None, None) => {
             ctx.error(
                 n.mark,
-                &p,
-                format!("{what} checks are not built yet (issue 7); use `list`"),
+                p,
+                "a check has one of `list: {...}`, `rbac: {...}`, `opa: {...}`",
             );
-            unbuilt = true;
+            None
+        }
+        _ => {
+            ctx.error(
+                n.mark,
+                p,
+                "a check has only one of `list`, `rbac`, `opa`; write two checks",
+            );
+            None
         }
     }
-    o.finish(ctx);
-    let (n, p) = list.or_else(|| {
-        if !unbuilt {
-            ctx.error(n.mark, p, "a check has `list: {...}`");
-        }
-        None
-    })?;
-    list_check(ctx, n, &p).map(Check::List)
 }
 
 fn list_check(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<ListCheck> {
@@ -227,4 +232,249 @@ fn quota(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Quota> {
         overrides,
         max_keys,
     })
+}
+
+/// `opa: { name, files: [...] | file, rego, query, fail_open }`.
+fn opa_check(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<OpaCheck> {
+    let mut o = Obj::open(ctx, n, p)?;
+    let name = o.req_string(ctx, "name");
+    let mut files: Vec<_> = o
+        .list(ctx, "files", string)
+        .into_iter()
+        .map(|f| super::tls::resolve(ctx, &f))
+        .collect();
+    if let Some(f) = o.string(ctx, "file") {
+        files.push(super::tls::resolve(ctx, &f));
+    }
+    let rego = o.string(ctx, "rego");
+    let query = o.req_string(ctx, "query");
+    let fail_open = o.bool(ctx, "fail_open").unwrap_or(false);
+    if files.is_empty() && rego.is_none() {
+        ctx.error(n.mark, p, "an opa check needs Rego: `file`, `files` or `rego`");
+    }
+    if let Some(q) = &query
+        && !q.starts_with("data.")
+    {
+        let qp = p.field("query");
+        ctx.error(
+            n.mark,
+            &qp,
+            format!("`{q}` is not a rule reference; write `data.<package>.<rule>`"),
+        );
+    }
+    o.finish(ctx);
+    Some(OpaCheck {
+        name: name?,
+        files,
+        rego,
+        query: query?,
+        fail_open,
+    })
+}
+
+/// `rbac: { name, action, shadow, policies: { NAME: { permissions: [...], principals: [...] } } }`.
+pub(super) fn rbac_check(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<RbacCheck> {
+    let mut o = Obj::open(ctx, n, p)?;
+    let name = o.req_string(ctx, "name");
+    let action = o
+        .get("action")
+        .and_then(|(n, p)| {
+            enumeration(
+                ctx,
+                n,
+                &p,
+                &[
+                    ("ALLOW", RbacAction::Allow),
+                    ("DENY", RbacAction::Deny),
+                    ("LOG", RbacAction::Log),
+                ],
+            )
+        })
+        .unwrap_or(RbacAction::Allow);
+    let shadow = o.bool(ctx, "shadow").unwrap_or(false);
+    let policies = o.require(ctx, "policies").and_then(|(n, p)| match &n.kind {
+        Kind::Map(entries) => {
+            let mut out = Vec::new();
+            for (k, v) in entries {
+                let Some(pname) = string(ctx, k, &p) else { continue };
+                let pp = p.field(&pname);
+                let Some(mut po) = Obj::open(ctx, v, &pp) else { continue };
+                let permissions = po.list(ctx, "permissions", permission);
+                let principals = po.list(ctx, "principals", principal);
+                if permissions.is_empty() || principals.is_empty() {
+                    ctx.error(
+                        v.mark,
+                        &pp,
+                        "a policy needs `permissions` and `principals` (use `any: true` for all)",
+                    );
+                }
+                po.finish(ctx);
+                out.push((
+                    pname,
+                    RbacPolicy {
+                        permissions,
+                        principals,
+                    },
+                ));
+            }
+            Some(out)
+        }
+        _ => {
+            ctx.error(
+                n.mark,
+                &p,
+                format!("expected a mapping of policy names to policies, found {}", n.describe()),
+            );
+            None
+        }
+    });
+    o.finish(ctx);
+    Some(RbacCheck {
+        name: name?,
+        action,
+        shadow,
+        policies: policies?,
+    })
+}
+
+fn case((matcher, ignore_case): (crate::config::StringMatch, bool)) -> CaseMatch {
+    CaseMatch { matcher, ignore_case }
+}
+
+/// The one key of a rule object, its node and path.
+fn one_key<'n>(ctx: &mut Ctx, n: &'n Node, p: &Path, what: &str) -> Option<(String, &'n Node, Path)> {
+    match &n.kind {
+        Kind::Map(entries) if entries.len() == 1 => {
+            let (k, v) = &entries[0];
+            let key = string(ctx, k, p)?;
+            let path = p.field(&key);
+            Some((key, v, path))
+        }
+        _ => {
+            ctx.error(
+                n.mark,
+                p,
+                format!("a {what} is a mapping with exactly one rule, e.g. `any: true`"),
+            );
+            None
+        }
+    }
+}
+
+fn rules<T>(
+    ctx: &mut Ctx,
+    n: &Node,
+    p: &Path,
+    key: &'static str,
+    each: fn(&mut Ctx, &Node, &Path) -> Option<T>,
+) -> Option<Vec<T>> {
+    let mut o = Obj::open(ctx, n, p)?;
+    let v = o.list(ctx, key, each);
+    o.finish(ctx);
+    Some(v)
+}
+
+fn permission(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Permission> {
+    let (key, v, vp) = one_key(ctx, n, p, "permission")?;
+    Some(match key.as_str() {
+        "any" => Permission::Any,
+        "and_rules" => Permission::AndRules(rules(ctx, v, &vp, "rules", permission)?),
+        "or_rules" => Permission::OrRules(rules(ctx, v, &vp, "rules", permission)?),
+        "not_rule" => Permission::NotRule(Box::new(permission(ctx, v, &vp)?)),
+        "header" => Permission::Header(super::decode_header_matcher(ctx, v, &vp)?),
+        "url_path" => {
+            let mut o = Obj::open(ctx, v, &vp)?;
+            let m = o
+                .require(ctx, "path")
+                .and_then(|(n, p)| super::decode_string_matcher(ctx, n, &p));
+            o.finish(ctx);
+            Permission::UrlPath(case(m?))
+        }
+        "method" => Permission::Method(string(ctx, v, &vp)?.to_ascii_uppercase()),
+        "destination_port" => Permission::DestinationPort(crate::decode::uint(ctx, v, &vp, 1, 65535)?),
+        "destination_port_range" => {
+            let mut o = Obj::open(ctx, v, &vp)?;
+            let start = o
+                .require(ctx, "start")
+                .and_then(|(n, p)| crate::decode::uint(ctx, n, &p, 0, 65535));
+            let end = o
+                .require(ctx, "end")
+                .and_then(|(n, p)| crate::decode::uint(ctx, n, &p, 1, 65536));
+            o.finish(ctx);
+            let (start, end): (u32, u32) = (start?, end?);
+            if start >= end {
+                ctx.error(
+                    v.mark,
+                    &vp,
+                    "the range's start must be below its end (end is exclusive)",
+                );
+                return None;
+            }
+            Permission::DestinationPortRange(start as u16, end.min(65535) as u16)
+        }
+        "rpc_service" => Permission::RpcService(case(super::decode_string_matcher(ctx, v, &vp)?)),
+        "rpc_method" => Permission::RpcMethod(case(super::decode_string_matcher(ctx, v, &vp)?)),
+        other => {
+            ctx.error(
+                n.mark,
+                p,
+                format!(
+                    "unknown permission `{other}`; known: any, and_rules, or_rules, not_rule, header, url_path, method, destination_port, destination_port_range, rpc_service, rpc_method"
+                ),
+            );
+            return None;
+        }
+    })
+}
+
+fn principal(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Principal> {
+    let (key, v, vp) = one_key(ctx, n, p, "principal")?;
+    Some(match key.as_str() {
+        "any" => Principal::Any,
+        "and_ids" => Principal::AndIds(rules(ctx, v, &vp, "ids", principal)?),
+        "or_ids" => Principal::OrIds(rules(ctx, v, &vp, "ids", principal)?),
+        "not_id" => Principal::NotId(Box::new(principal(ctx, v, &vp)?)),
+        "authenticated" => {
+            let mut o = Obj::open(ctx, v, &vp)?;
+            let m = o
+                .require(ctx, "principal_name")
+                .and_then(|(n, p)| super::decode_string_matcher(ctx, n, &p));
+            o.finish(ctx);
+            Principal::Authenticated(case(m?))
+        }
+        "source_ip" | "remote_ip" | "direct_remote_ip" => Principal::SourceIp(cidr(ctx, v, &vp)?),
+        "header" => Principal::Header(super::decode_header_matcher(ctx, v, &vp)?),
+        other => {
+            ctx.error(
+                n.mark,
+                p,
+                format!("unknown principal `{other}`; known: any, and_ids, or_ids, not_id, authenticated, source_ip, remote_ip, direct_remote_ip, header"),
+            );
+            return None;
+        }
+    })
+}
+
+/// `10.0.0.0/8`, or Envoy's `{address_prefix, prefix_len}`.
+fn cidr(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<crate::decode::Cidr> {
+    let text = match &n.kind {
+        Kind::Map(_) => {
+            let mut o = Obj::open(ctx, n, p)?;
+            let a = o.req_string(ctx, "address_prefix");
+            let l = o.uint::<u8>(ctx, "prefix_len", 0, 128);
+            o.finish(ctx);
+            match l {
+                Some(l) => format!("{}/{l}", a?),
+                None => a?,
+            }
+        }
+        _ => string(ctx, n, p)?,
+    };
+    match crate::decode::Cidr::parse(&text) {
+        Some(c) => Some(c),
+        None => {
+            ctx.error(n.mark, p, format!("`{text}` is not an IP address or prefix"));
+            None
+        }
+    }
 }

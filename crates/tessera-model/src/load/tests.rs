@@ -813,12 +813,16 @@ fn policy_checks_and_quotas_load() {
     };
     let p = &h.policy;
     assert_eq!(p.checks.len(), 2);
-    let Check::List(blocked) = &p.checks[0];
+    let Check::List(blocked) = &p.checks[0] else {
+        panic!("a list check")
+    };
     assert_eq!(
         (blocked.attribute.as_str(), blocked.blacklist, blocked.kind),
         ("request.headers[x-user]", true, ListKind::Strings)
     );
-    let Check::List(office) = &p.checks[1];
+    let Check::List(office) = &p.checks[1] else {
+        panic!("a list check")
+    };
     assert_eq!(office.kind, ListKind::IpAddresses);
     let q = &p.quotas[0];
     assert_eq!(
@@ -841,13 +845,23 @@ fn policy_errors_name_the_field() {
             r#"overrides: [{ dimensions: { "request.headers[x-user]": vip }"#,
             r#"overrides: [{ dimensions: { "source.ip": vip }"#,
         )
-        .replace("- list: { name: blocked", "- rbac: {}\n        - list: { name: blocked");
+        .replace(
+            "- list: { name: blocked",
+            "- rbac: { name: r, action: MAYBE, policies: { p: { permissions: [{ bogus: 1 }], principals: [{ any: true }] } } }\n        \
+             - opa: { name: o, query: allow }\n        \
+             - { opa: { name: o2, rego: x, query: data.x.y }, rbac: { name: r2, policies: {} } }\n        \
+             - list: { name: blocked",
+        );
     let e = errors(&bad).join("\n");
     for want in [
-        "policy.checks[2].list.attribute: unknown attribute `source.ipp`",
+        "policy.checks[4].list.attribute: unknown attribute `source.ipp`",
         "policy.quotas[0].window",
         "override on `source.ip`, which is not one of the quota's `dimensions`",
-        "`rbac` checks are not built yet",
+        "policy.checks[0].rbac.action",
+        "unknown permission `bogus`",
+        "policy.checks[1].opa: an opa check needs Rego",
+        "policy.checks[1].opa.query: `allow` is not a rule reference",
+        "policy.checks[2]: a check has only one of `list`, `rbac`, `opa`",
     ] {
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }
