@@ -263,8 +263,32 @@ pub struct Quota {
     pub dimensions: Vec<String>,
     /// Other limits for given dimension values.
     pub overrides: Vec<QuotaOverride>,
-    /// Keys kept at most; when full, expired keys are evicted, then new keys are refused.
+    /// Keys kept at most; when full, expired keys are evicted, then new keys are refused. For a
+    /// Redis quota: keys holding prefetched tokens.
     pub max_keys: usize,
+    /// Count in Redis, shared by every sidecar that names the same server and quota; `None`:
+    /// in this sidecar's memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisBackend>,
+}
+
+/// Where and how a Redis quota counts.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisBackend {
+    /// `host:port` of a standalone server, or of cluster nodes (seeds) when `cluster`.
+    pub addresses: Vec<String>,
+    /// Talk Redis Cluster (slots, MOVED/ASK) instead of one server.
+    pub cluster: bool,
+    /// The longest a request waits for Redis, connecting included; then `fail_open` answers.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// When Redis is down or slow: allow (true, the default) or refuse the request.
+    pub fail_open: bool,
+    /// Tokens taken from Redis per trip and spent locally (Istio's prefetch); 0 or 1: every
+    /// request asks Redis.
+    pub prefetch: u32,
+    /// The first part of every key: `<key_prefix>:<quota>:<dimension values>`.
+    pub key_prefix: String,
 }
 
 /// A different `max` for requests whose dimensions have these values.

@@ -340,6 +340,29 @@ impl Quota {
         grant
     }
 
+    /// The request's key as text (the dimension values joined by `|`, `|` and `\\` escaped with
+    /// `\\`) and its limit: what a shared store (Redis) counts under.
+    pub fn key_text(&self, attrs: &dyn Attributes) -> (String, u32) {
+        let values: Vec<Cow<'_, str>> = self
+            .dimensions
+            .iter()
+            .map(|d| attrs.get(d).unwrap_or(Cow::Borrowed("")))
+            .collect();
+        let mut key = String::with_capacity(values.iter().map(|v| v.len() + 1).sum());
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                key.push('|');
+            }
+            for c in v.chars() {
+                if c == '|' || c == '\\' {
+                    key.push('\\');
+                }
+                key.push(c);
+            }
+        }
+        (key, self.limit_for(&values))
+    }
+
     fn limit_for(&self, values: &[Cow<'_, str>]) -> u32 {
         self.overrides
             .iter()
@@ -758,6 +781,32 @@ mod tests {
             !q.alloc(&MapAttributes::parse([("source.namespace", "prod")]).unwrap(), 1, t0)
                 .granted
         );
+    }
+
+    #[test]
+    fn key_text_escapes_and_applies_overrides() {
+        let q = Quota::new(
+            QuotaSpec {
+                name: "q".into(),
+                max: 5,
+                window: Duration::from_secs(1),
+                algorithm: Algorithm::FixedWindow,
+                dimensions: vec![Attr::RequestHeader("x-user".into()), Attr::SourceIp],
+                overrides: vec![Override {
+                    dimensions: vec![(Attr::RequestHeader("x-user".into()), "vip".into())],
+                    max: 9,
+                }],
+                max_keys: 10,
+            },
+            Instant::now(),
+        )
+        .unwrap();
+        let a = MapAttributes::new()
+            .with(Attr::RequestHeader("x-user".into()), "a|b\\")
+            .with(Attr::SourceIp, "10.0.0.1");
+        assert_eq!(q.key_text(&a), ("a\\|b\\\\|10.0.0.1".to_string(), 5));
+        let vip = MapAttributes::new().with(Attr::RequestHeader("x-user".into()), "vip");
+        assert_eq!(q.key_text(&vip), ("vip|".to_string(), 9));
     }
 
     #[test]

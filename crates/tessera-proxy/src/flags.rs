@@ -36,6 +36,7 @@ flags! {
     DURATION_TIMEOUT = 17, "DT", "A request exceeded its allowed duration.";
     OVERLOAD_MANAGER = 18, "OM", "Rejected while draining or overloaded.";
     UNAUTHORIZED_EXTERNAL_SERVICE = 19, "UAEX", "Denied by policy.";
+    RATELIMIT_SERVICE_ERROR = 20, "RLSE", "The quota backend failed and the quota fails closed.";
 }
 
 impl ResponseFlags {

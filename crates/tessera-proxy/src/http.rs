@@ -478,8 +478,36 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
             scheme: st.cx.scheme,
             grpc,
         };
-        match policy.evaluate(&attrs) {
-            Outcome::Allow => {}
+        let mut outcome = policy.evaluate(&attrs);
+        if let Outcome::Remote(asks) = outcome {
+            outcome = policy.ask_remote(asks).await;
+        }
+        match outcome {
+            Outcome::Allow | Outcome::Remote(_) => {}
+            Outcome::Unavailable { name, reason } => {
+                stats.policy_over_quota.inc();
+                let text = format!("UNAVAILABLE: quota `{name}`: {reason}");
+                return Ok(if grpc {
+                    grpc_local_reply(
+                        st,
+                        parts.version,
+                        14,
+                        &text,
+                        ResponseFlags::RATELIMIT_SERVICE_ERROR,
+                        "quota_backend_failed",
+                    )
+                } else {
+                    local_reply(
+                        st,
+                        grpc,
+                        parts.version,
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        text,
+                        ResponseFlags::RATELIMIT_SERVICE_ERROR,
+                        "quota_backend_failed",
+                    )
+                });
+            }
             Outcome::Deny(reason) => {
                 stats.policy_denied.inc();
                 let text = reason;

@@ -20,6 +20,9 @@ use tessera_policy::{
 
 use crate::stats::{Counter, Scope, Stats};
 
+mod redis_quota;
+use redis_quota::{RedisAnswer, RedisQuota};
+
 /// Policies in use, by (stat prefix, configuration): a reload that keeps a policy keeps its
 /// runtime. Only configuration changes take the lock.
 type Live = std::collections::HashMap<(String, String), Weak<PolicyRt>>;
@@ -41,6 +44,14 @@ pub(crate) enum Outcome {
         remaining: u32,
         reset: Duration,
     },
+    /// A quota's backend (Redis) failed and the quota fails closed.
+    Unavailable {
+        name: String,
+        reason: String,
+    },
+    /// Checks and memory quotas passed; these Redis quotas must be asked
+    /// ([`PolicyRt::ask_remote`]).
+    Remote(Vec<Ask>),
 }
 
 struct CheckRt {
@@ -93,10 +104,18 @@ struct ListFile {
 }
 
 struct QuotaRt {
-    quota: Quota,
+    kind: QuotaKind,
     granted: Arc<Counter>,
     exceeded: Arc<Counter>,
 }
+
+enum QuotaKind {
+    Memory(Quota),
+    Redis(Box<RedisQuota>),
+}
+
+/// A Redis quota still to ask: (quota index, key, limit).
+pub(crate) struct Ask(usize, String, u32);
 
 /// A chain's checks and quotas at run time.
 pub(crate) struct PolicyRt {
@@ -217,9 +236,14 @@ impl PolicyRt {
                     .collect::<Result<_, String>>()?,
                 max_keys: q.max_keys,
             };
-            let quota = Quota::new(spec, tokio::time::Instant::now().into_std()).map_err(|e| e.to_string())?;
+            let kind = match &q.redis {
+                Some(r) => QuotaKind::Redis(Box::new(RedisQuota::new(spec, r, stats, &s)?)),
+                None => QuotaKind::Memory(
+                    Quota::new(spec, tokio::time::Instant::now().into_std()).map_err(|e| e.to_string())?,
+                ),
+            };
             quotas.push(QuotaRt {
-                quota,
+                kind,
                 granted: stats.counter(&s, "granted"),
                 exceeded: stats.counter(&s, "exceeded"),
             });
@@ -240,20 +264,69 @@ impl PolicyRt {
             }
             c.allowed.inc();
         }
+        let mut remote = Vec::new();
         if !self.quotas.is_empty() {
             let now = tokio::time::Instant::now().into_std();
-            for q in &self.quotas {
-                let g = q.quota.alloc(attrs, 1, now);
+            for (i, q) in self.quotas.iter().enumerate() {
+                let quota = match &q.kind {
+                    QuotaKind::Memory(quota) => quota,
+                    QuotaKind::Redis(r) => {
+                        let (key, limit) = r.key(attrs);
+                        if r.take_local(&key) {
+                            q.granted.inc();
+                        } else {
+                            remote.push(Ask(i, key, limit));
+                        }
+                        continue;
+                    }
+                };
+                let g = quota.alloc(attrs, 1, now);
                 if !g.granted {
                     q.exceeded.inc();
                     return Outcome::OverQuota {
-                        name: q.quota.name().to_string(),
+                        name: quota.name().to_string(),
                         limit: g.limit,
                         remaining: g.remaining,
                         reset: g.reset,
                     };
                 }
                 q.granted.inc();
+            }
+        }
+        if remote.is_empty() {
+            Outcome::Allow
+        } else {
+            Outcome::Remote(remote)
+        }
+    }
+
+    /// Asks Redis for the quotas [`PolicyRt::evaluate`] could not answer locally; each call is
+    /// bounded by its quota's timeout.
+    pub(crate) async fn ask_remote(&self, asks: Vec<Ask>) -> Outcome {
+        for Ask(i, key, limit) in asks {
+            let Some(q) = self.quotas.get(i) else { continue };
+            let QuotaKind::Redis(r) = &q.kind else { continue };
+            match r.take(key, limit).await {
+                RedisAnswer::Granted => q.granted.inc(),
+                RedisAnswer::Exceeded {
+                    limit,
+                    remaining,
+                    reset,
+                } => {
+                    q.exceeded.inc();
+                    return Outcome::OverQuota {
+                        name: r.name().to_string(),
+                        limit,
+                        remaining,
+                        reset,
+                    };
+                }
+                RedisAnswer::Unavailable(reason) => {
+                    return Outcome::Unavailable {
+                        name: r.name().to_string(),
+                        reason,
+                    };
+                }
             }
         }
         Outcome::Allow

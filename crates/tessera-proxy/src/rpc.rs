@@ -733,6 +733,17 @@ impl Downstream {
             };
             match policy.evaluate(&attrs) {
                 PolicyOutcome::Allow => {}
+                // The config refuses Redis quotas on RPC chains; should one get here, refuse
+                // rather than let the request past an unasked quota.
+                PolicyOutcome::Remote(_) | PolicyOutcome::Unavailable { .. } => {
+                    st.policy_over_quota.inc();
+                    let msg = "UNAVAILABLE: this quota's backend cannot be asked on an RPC chain".to_string();
+                    return Ok((
+                        local(Failure::RateLimited, msg, ResponseFlags::RATELIMIT_SERVICE_ERROR),
+                        ms,
+                        log,
+                    ));
+                }
                 PolicyOutcome::Deny(reason) => {
                     st.policy_denied.inc();
                     let d = local(Failure::Denied, reason, ResponseFlags::UNAUTHORIZED_EXTERNAL_SERVICE);

@@ -279,3 +279,42 @@ fn policy_example_denies_limits_and_runs_rego() {
         assert!(stats.contains(want), "missing {want:?} in\n{stats}");
     }
 }
+
+/// `examples/redis-quota.yaml` as shipped, with free ports and a real redis-server: two sidecars
+/// started from it share the 5-a-minute limit.
+#[test]
+fn redis_quota_example_is_shared_by_two_sidecars() {
+    let (_svc, svc_addr) = sample_service("redis-backend");
+    let dir = TempDir::new("redisex");
+    let port = free_port();
+    let _redis = Proc::spawn(std::process::Command::new("redis-server").args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ]));
+    wait_port(format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_secs(10));
+    let cfg = std::fs::read_to_string(repo().join("examples/redis-quota.yaml"))
+        .unwrap()
+        .replace("127.0.0.1:18080", &svc_addr.to_string())
+        .replace("127.0.0.1:6379", &format!("127.0.0.1:{port}"))
+        .replace("127.0.0.1:10000", "127.0.0.1:0")
+        .replace("127.0.0.1:9901", "127.0.0.1:0");
+    let f = dir.write("redis-quota.yaml", &cfg);
+    let sidecars: Vec<_> = (0..2)
+        .map(|_| {
+            let p = Proc::tessera(&["sidecar", "--config", f.to_str().unwrap()]);
+            let listen = p.logged_addr("listener=http ", Duration::from_secs(20));
+            (p, listen)
+        })
+        .collect();
+    let codes: Vec<String> = (0..6)
+        .map(|i| {
+            let url = format!("http://{}/", sidecars[i % 2].1);
+            curl_ok(&["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "x-user: ann", &url])
+        })
+        .collect();
+    assert_eq!(codes, ["200", "200", "200", "200", "200", "429"]);
+}

@@ -222,6 +222,7 @@ fn quota(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Quota> {
         }
     }
     let max_keys = o.uint(ctx, "max_keys", 1, 10_000_000).unwrap_or(100_000);
+    let redis = o.get("redis").and_then(|(n, p)| redis_backend(ctx, n, &p));
     o.finish(ctx);
     Some(Quota {
         name: name?,
@@ -231,6 +232,54 @@ fn quota(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Quota> {
         dimensions,
         overrides,
         max_keys,
+        redis,
+    })
+}
+
+/// `redis: { address | cluster: [...], timeout, fail_open, prefetch, key_prefix }`.
+fn redis_backend(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<RedisBackend> {
+    let mut o = Obj::open(ctx, n, p)?;
+    let address = o.string(ctx, "address");
+    let cluster = o.list(ctx, "cluster", string);
+    let timeout = o.duration(ctx, "timeout").unwrap_or(Duration::from_millis(100));
+    let fail_open = o.bool(ctx, "fail_open").unwrap_or(true);
+    let prefetch = o.uint(ctx, "prefetch", 0, 1_000_000).unwrap_or(0);
+    let key_prefix = o.string(ctx, "key_prefix").unwrap_or_else(|| "tessera".to_string());
+    let mark = o.mark;
+    o.finish(ctx);
+    let (addresses, is_cluster) = match (address, cluster.is_empty()) {
+        (Some(a), true) => (vec![a], false),
+        (None, false) => (cluster, true),
+        (None, true) => {
+            ctx.error(
+                mark,
+                p,
+                "a Redis quota needs `address: host:port` or `cluster: [host:port, ...]`",
+            );
+            return None;
+        }
+        (Some(_), false) => {
+            ctx.error(mark, p, "write `address` (one server) or `cluster` (nodes), not both");
+            return None;
+        }
+    };
+    for a in &addresses {
+        if super::split_host_port(a).is_none() {
+            ctx.error(mark, p, format!("`{a}` is not host:port"));
+            return None;
+        }
+    }
+    if timeout.is_zero() {
+        ctx.error(mark, &p.field("timeout"), "the timeout must be longer than zero");
+        return None;
+    }
+    Some(RedisBackend {
+        addresses,
+        cluster: is_cluster,
+        timeout,
+        fail_open,
+        prefetch,
+        key_prefix,
     })
 }
 

@@ -50,7 +50,20 @@ pub(super) fn rpc_proxy(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, list
     });
     let policy = o
         .get("policy")
-        .and_then(|(n, p)| super::policy::policy(ctx, n, &p))
+        .and_then(|(n, p)| {
+            let policy = super::policy::policy(ctx, n, &p)?;
+            for (i, q) in policy.quotas.iter().enumerate() {
+                if q.redis.is_some() {
+                    let qp = p.field("quotas").index(i).field("redis");
+                    ctx.error(
+                        n.mark,
+                        &qp,
+                        "Redis quotas are not built for RPC chains yet (their decisions are synchronous); use a memory quota",
+                    );
+                }
+            }
+            Some(policy)
+        })
         .unwrap_or_default();
     o.finish(ctx);
     Some(RpcProxy {

@@ -846,6 +846,11 @@ fn policy_errors_name_the_field() {
             r#"overrides: [{ dimensions: { "source.ip": vip }"#,
         )
         .replace(
+            "      route_config:",
+            "        - { name: r1, max: 1, window: 1s, redis: { timeout: 1s } }\n        \
+             - { name: r2, max: 1, window: 1s, redis: { address: nohost } }\n      route_config:",
+        )
+        .replace(
             "- list: { name: blocked",
             "- rbac: { name: r, action: MAYBE, policies: { p: { permissions: [{ bogus: 1 }], principals: [{ any: true }] } } }\n        \
              - opa: { name: o, query: allow }\n        \
@@ -862,7 +867,37 @@ fn policy_errors_name_the_field() {
         "policy.checks[1].opa: an opa check needs Rego",
         "policy.checks[1].opa.query: `allow` is not a rule reference",
         "policy.checks[2]: a check has only one of `list`, `rbac`, `opa`",
+        "policy.quotas[1].redis: a Redis quota needs `address: host:port` or `cluster: [host:port, ...]`",
+        "policy.quotas[2].redis: `nohost` is not host:port",
     ] {
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }
+}
+
+#[test]
+fn redis_quotas_load_for_http_and_are_refused_on_rpc_chains() {
+    let yaml = POLICY.replace(
+        "          overrides:",
+        "          redis: { cluster: [\"127.0.0.1:7000\", \"127.0.0.1:7001\"], prefetch: 10, fail_open: false, timeout: 50ms }\n          overrides:",
+    );
+    let cfg = load(&yaml).unwrap();
+    let NetworkFilter::Http(h) = &cfg.listeners[0].filter_chains[0].filter else {
+        panic!("an http chain")
+    };
+    let r = h.policy.quotas[0].redis.as_ref().expect("a redis backend");
+    assert!(r.cluster && !r.fail_open);
+    assert_eq!(
+        (r.addresses.len(), r.prefetch, r.timeout),
+        (2, 10, Duration::from_millis(50))
+    );
+    assert_eq!(r.key_prefix, "tessera");
+    let rpc = RPC.replace(
+        "      routes:",
+        "      policy: { quotas: [{ name: q, max: 1, window: 1s, redis: { address: \"127.0.0.1:6379\" } }] }\n      routes:",
+    );
+    let e = errors(&rpc).join("\n");
+    assert!(
+        e.contains("policy.quotas[0].redis: Redis quotas are not built for RPC chains yet"),
+        "{e}"
+    );
 }
