@@ -30,6 +30,9 @@ pub struct Config {
     pub clusters: Vec<Cluster>,
     /// Certificates and trust bundles by name, for TLS contexts to refer to.
     pub secrets: Vec<Secret>,
+    /// Report: Istio metrics, statsd, access logs, exported off the request path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 impl Config {

@@ -13,6 +13,7 @@ mod load;
 mod mesh;
 mod policy;
 mod rpc;
+pub mod telemetry;
 mod tls;
 mod traffic;
 mod yaml;

@@ -62,6 +62,51 @@ impl Config {
     }
 }
 
+impl crate::policy::Policy {
+    /// Reads a file whose top level is `policy: { checks, quotas }` (the check server's input);
+    /// relative file names in it resolve against the file's directory.
+    pub fn load(path: impl AsRef<FsPath>) -> Result<crate::policy::Policy, LoadError> {
+        let path = path.as_ref();
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+            file: file.clone(),
+            source,
+        })?;
+        let invalid = |line, col, path: &str, reason: String| {
+            LoadError::Invalid(vec![ConfigError {
+                file: file.clone(),
+                line,
+                col,
+                path: path.into(),
+                reason,
+            }])
+        };
+        let root = yaml::parse(&src).map_err(|e| invalid(e.mark.line, e.mark.col, "(syntax)", e.reason))?;
+        let mut ctx = Ctx::new(&file);
+        let policy = Obj::open(&mut ctx, &root, &Path::root()).and_then(|mut o| {
+            let p = o
+                .require(&mut ctx, "policy")
+                .and_then(|(n, p)| policy::policy(&mut ctx, n, &p));
+            o.finish(&mut ctx);
+            p
+        });
+        match policy {
+            Some(p) if ctx.errors.is_empty() => Ok(p),
+            _ if ctx.errors.is_empty() => Err(invalid(
+                root.mark.line,
+                root.mark.col,
+                "(top level)",
+                "expected `policy: {checks, quotas}`".into(),
+            )),
+            _ => {
+                let mut errors = ctx.errors;
+                errors.sort_by_key(|e| (e.line, e.col));
+                Err(LoadError::Invalid(errors))
+            }
+        }
+    }
+}
+
 fn decode_config(ctx: &mut Ctx, root: &Node) -> Option<Config> {
     let mut o = Obj::open(ctx, root, &Path::root())?;
     // Secrets, then clusters, whatever their place in the file, so references can be checked in place.
@@ -94,6 +139,7 @@ fn decode_config(ctx: &mut Ctx, root: &Node) -> Option<Config> {
         Some(Admin { address: address? })
     });
     let drain_time = o.duration(ctx, "drain_time").unwrap_or(DEFAULT_DRAIN_TIME);
+    let telemetry = o.get("telemetry").and_then(|(n, p)| telemetry::telemetry(ctx, n, &p));
     let node = o
         .get("node")
         .and_then(|(n, p)| traffic::node(ctx, n, &p))
@@ -114,6 +160,7 @@ fn decode_config(ctx: &mut Ctx, root: &Node) -> Option<Config> {
         listeners,
         clusters,
         secrets,
+        telemetry,
     })
 }
 
@@ -1247,6 +1294,7 @@ pub fn split_host_port(s: &str) -> Option<(String, u16)> {
 
 mod policy;
 mod rpc;
+mod telemetry;
 mod tls;
 mod traffic;
 

@@ -49,7 +49,7 @@ impl Policy {
             match c {
                 Check::List(l) => out.push(l.attribute.clone()),
                 // Rego may read any attribute.
-                Check::Opa(_) => out.push("*".to_string()),
+                Check::Opa(_) | Check::ExtAuthz(_) => out.push("*".to_string()),
                 Check::Rbac(r) => {
                     for (_, p) in &r.policies {
                         p.permissions.iter().for_each(|x| perm(x, &mut out));
@@ -80,6 +80,8 @@ pub enum Check {
     Rbac(RbacCheck),
     /// A Rego policy evaluated in process.
     Opa(OpaCheck),
+    /// Envoy's ext_authz: a remote Check call per request (the Mixer way; HTTP chains only).
+    ExtAuthz(ExtAuthzCheck),
 }
 
 impl Check {
@@ -89,6 +91,7 @@ impl Check {
             Check::List(l) => &l.name,
             Check::Rbac(r) => &r.name,
             Check::Opa(o) => &o.name,
+            Check::ExtAuthz(e) => &e.name,
         }
     }
 }
@@ -109,6 +112,20 @@ pub struct OpaCheck {
     pub query: String,
     /// When evaluation fails (a runtime error, a non-boolean result): allow (`true`) or deny
     /// (`false`, the default: fail closed).
+    pub fail_open: bool,
+}
+
+/// A remote authorization server speaking `envoy.service.auth.v3.Authorization` over gRPC.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExtAuthzCheck {
+    /// Unique among the chain's checks.
+    pub name: String,
+    /// The server, `host:port` (plaintext HTTP/2).
+    pub address: String,
+    /// The longest a request waits for the answer, connecting included (Envoy: 200ms).
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// Allow requests when the server fails or is too slow (Envoy's `failure_mode_allow`).
     pub fail_open: bool,
 }
 

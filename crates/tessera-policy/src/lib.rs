@@ -27,6 +27,7 @@
 use std::borrow::Cow;
 
 pub mod attr;
+pub mod ext_authz;
 pub mod list;
 pub mod opa;
 pub mod quota;

@@ -31,9 +31,10 @@ pub(crate) struct LogSpec {
 }
 
 impl LogSpec {
-    /// Compiles `logs`; `None` when there are none, so requests skip logging entirely.
+    /// Compiles `logs`; `None` when there are none and nothing is reported, so requests skip
+    /// their record entirely.
     pub(crate) fn new(logs: &[AccessLog]) -> Option<Arc<LogSpec>> {
-        if logs.is_empty() {
+        if logs.is_empty() && !crate::report::reporting() {
             return None;
         }
         let mut req = Vec::new();
@@ -95,6 +96,9 @@ pub(crate) struct LogRecord {
     pub(crate) upstream_failure: Option<String>,
     /// The RPC call, for requests of an RPC chain.
     pub(crate) rpc: Option<RpcLog>,
+    /// A gRPC request, and its `grpc-status` when the proxy knows it.
+    pub(crate) grpc: bool,
+    pub(crate) grpc_status: Option<u32>,
 }
 
 /// What an access log prints about an RPC call.
@@ -136,6 +140,8 @@ impl LogRecord {
             tls: None,
             upstream_failure: None,
             rpc: None,
+            grpc: false,
+            grpc_status: None,
         }
     }
 
@@ -155,6 +161,14 @@ impl LogRecord {
 
     /// Captures the response headers the formats name.
     pub(crate) fn capture_response(&mut self, headers: &HeaderMap) {
+        if self.grpc
+            && let Some(code) = headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        {
+            self.grpc_status = Some(code);
+        }
         let spec = self.spec.clone();
         capture(&spec.resp_headers, headers, &mut self.resp_headers);
     }
@@ -181,12 +195,13 @@ impl LogSink {
     pub(crate) fn start(
         dropped: Arc<Counter>,
         written: Arc<Counter>,
+        report: Option<Arc<crate::report::Report>>,
     ) -> io::Result<(LogSink, std::thread::JoinHandle<()>)> {
         let (tx, rx) = sync_channel(QUEUE);
         let w = written.clone();
         let handle = std::thread::Builder::new()
             .name("tessera-access-log".into())
-            .spawn(move || writer(rx, w))?;
+            .spawn(move || writer(rx, w, report))?;
         Ok((LogSink { tx, dropped, written }, handle))
     }
 
@@ -239,7 +254,7 @@ impl Out {
     }
 }
 
-fn writer(rx: Receiver<Box<LogRecord>>, written: Arc<Counter>) {
+fn writer(rx: Receiver<Box<LogRecord>>, written: Arc<Counter>, report: Option<Arc<crate::report::Report>>) {
     let mut outs: HashMap<String, Option<Out>> = HashMap::new();
     let mut line = String::with_capacity(512);
     loop {
@@ -250,6 +265,9 @@ fn writer(rx: Receiver<Box<LogRecord>>, written: Arc<Counter>) {
         };
         let mut next = Some(rec);
         while let Some(rec) = next.take() {
+            if let Some(r) = &report {
+                r.report(&rec);
+            }
             for log in &rec.spec.logs {
                 line.clear();
                 render(&log.format, &rec, &mut line);

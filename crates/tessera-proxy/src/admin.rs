@@ -159,11 +159,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             };
             match query_param(query, "format") {
                 Some("json") => json_reply(&shared.stats.render_json(filter.as_ref())),
-                Some("prometheus") => reply(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4",
-                    shared.stats.render_prometheus(),
-                ),
+                Some("prometheus") => reply(StatusCode::OK, "text/plain; version=0.0.4", prometheus(shared)),
                 None | Some("text") => text(shared.stats.render_text(filter.as_ref())),
                 Some(other) => reply(
                     StatusCode::BAD_REQUEST,
@@ -172,11 +168,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
             }
         }
-        "/stats/prometheus" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            shared.stats.render_prometheus(),
-        ),
+        "/stats/prometheus" => reply(StatusCode::OK, "text/plain; version=0.0.4", prometheus(shared)),
         "/config_dump" => {
             let cfg = shared.config.load();
             json_reply(&json!({
@@ -347,6 +339,15 @@ fn certs(shared: &Shared) -> serde_json::Value {
         })
         .collect();
     json!({ "certificates": list })
+}
+
+/// The stats registry, then Report's Istio metrics when `telemetry` is on.
+fn prometheus(shared: &Shared) -> String {
+    let mut out = shared.stats.render_prometheus();
+    if let Some(r) = &shared.report {
+        r.render_prometheus(&mut out);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -428,6 +428,7 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
     let log = chain.logs.as_ref().map(|spec| {
         let mut r = Box::new(LogRecord::new(spec, cx.remote, cx.local, cx.id));
         r.capture_request(&parts, authority(&parts));
+        r.grpc = grpc;
         r.scheme = cx.scheme;
         r.tls = cx.tls.clone();
         r
@@ -478,12 +479,13 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
             scheme: st.cx.scheme,
             grpc,
         };
-        let mut outcome = policy.evaluate(&attrs);
-        if let Outcome::Remote(asks) = outcome {
-            outcome = policy.ask_remote(asks).await;
-        }
+        let outcome = if policy.is_async() {
+            policy.evaluate_async(&attrs).await
+        } else {
+            policy.evaluate(&attrs)
+        };
         match outcome {
-            Outcome::Allow | Outcome::Remote(_) => {}
+            Outcome::Allow => {}
             Outcome::Unavailable { name, reason } => {
                 stats.policy_over_quota.inc();
                 let text = format!("UNAVAILABLE: quota `{name}`: {reason}");
@@ -507,6 +509,25 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
                         "quota_backend_failed",
                     )
                 });
+            }
+            Outcome::Remote(d) => {
+                stats.policy_denied.inc();
+                let status = StatusCode::from_u16(d.http_status).unwrap_or(StatusCode::FORBIDDEN);
+                let mut resp = local_reply(
+                    st,
+                    grpc,
+                    parts.version,
+                    status,
+                    d.body,
+                    ResponseFlags::UNAUTHORIZED_EXTERNAL_SERVICE,
+                    "ext_authz_denied",
+                );
+                for (k, v) in &d.headers {
+                    if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                        resp.headers_mut().append(k, v);
+                    }
+                }
+                return Ok(resp);
             }
             Outcome::Deny(reason) => {
                 stats.policy_denied.inc();

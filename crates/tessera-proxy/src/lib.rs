@@ -9,6 +9,7 @@
 mod access_log;
 mod admin;
 mod body;
+pub mod check_server;
 mod cluster;
 mod flags;
 mod health;
@@ -19,6 +20,7 @@ mod outlier;
 mod policy;
 mod pool;
 mod ratelimit;
+mod report;
 mod retry;
 mod router;
 mod rpc;

@@ -20,7 +20,9 @@ use tessera_policy::{
 
 use crate::stats::{Counter, Scope, Stats};
 
+mod ext_authz;
 mod redis_quota;
+use ext_authz::ExtAuthz;
 use redis_quota::{RedisAnswer, RedisQuota};
 
 /// Policies in use, by (stat prefix, configuration): a reload that keeps a policy keeps its
@@ -44,14 +46,13 @@ pub(crate) enum Outcome {
         remaining: u32,
         reset: Duration,
     },
+    /// A remote check (ext_authz) denied it: answer with its status, headers and body.
+    Remote(tessera_policy::ext_authz::CheckDecision),
     /// A quota's backend (Redis) failed and the quota fails closed.
     Unavailable {
         name: String,
         reason: String,
     },
-    /// Checks and memory quotas passed; these Redis quotas must be asked
-    /// ([`PolicyRt::ask_remote`]).
-    Remote(Vec<Ask>),
 }
 
 struct CheckRt {
@@ -80,6 +81,8 @@ enum CheckKind {
         /// Evaluations that failed (fail_open answered).
         errors: Arc<Counter>,
     },
+    /// A remote check: only [`PolicyRt::evaluate_async`] asks it.
+    ExtAuthz(Box<ExtAuthz>),
 }
 
 /// The Rego files of an OPA check, watched like list files.
@@ -114,8 +117,23 @@ enum QuotaKind {
     Redis(Box<RedisQuota>),
 }
 
-/// A Redis quota still to ask: (quota index, key, limit).
-pub(crate) struct Ask(usize, String, u32);
+impl QuotaRt {
+    /// Takes one unit of a memory quota; `Some` answer when it is used up.
+    fn memory(&self, quota: &Quota, attrs: &dyn Attributes, now: std::time::Instant) -> Option<Outcome> {
+        let g = quota.alloc(attrs, 1, now);
+        if !g.granted {
+            self.exceeded.inc();
+            return Some(Outcome::OverQuota {
+                name: quota.name().to_string(),
+                limit: g.limit,
+                remaining: g.remaining,
+                reset: g.reset,
+            });
+        }
+        self.granted.inc();
+        None
+    }
+}
 
 /// A chain's checks and quotas at run time.
 pub(crate) struct PolicyRt {
@@ -182,6 +200,9 @@ impl PolicyRt {
                         .then(|| (stats.counter(&s, "shadow_allowed"), stats.counter(&s, "shadow_denied"))),
                     logged: stats.counter(&s, "logged"),
                 },
+                model::Check::ExtAuthz(e) => {
+                    CheckKind::ExtAuthz(Box::new(ExtAuthz::new(e, stats.counter(&s, "error"))))
+                }
                 model::Check::Opa(o) => {
                     let modules = rego_modules(&o.files, o.rego.as_deref())?;
                     let opa =
@@ -258,74 +279,100 @@ impl PolicyRt {
     /// Checks in order (the first denial answers), then quotas.
     pub(crate) fn evaluate(&self, attrs: &dyn Attributes) -> Outcome {
         for c in &self.checks {
+            if let CheckKind::ExtAuthz(e) = &c.kind {
+                // The config refuses remote checks where decisions are synchronous (RPC chains).
+                return Outcome::Unavailable {
+                    name: e.name().to_string(),
+                    reason: "a remote check cannot be asked here".into(),
+                };
+            }
             if let Some(denial) = c.evaluate(attrs) {
                 c.denied.inc();
                 return Outcome::Deny(denial);
             }
             c.allowed.inc();
         }
-        let mut remote = Vec::new();
-        if !self.quotas.is_empty() {
-            let now = tokio::time::Instant::now().into_std();
-            for (i, q) in self.quotas.iter().enumerate() {
-                let quota = match &q.kind {
-                    QuotaKind::Memory(quota) => quota,
-                    QuotaKind::Redis(r) => {
-                        let (key, limit) = r.key(attrs);
-                        if r.take_local(&key) {
-                            q.granted.inc();
-                        } else {
-                            remote.push(Ask(i, key, limit));
-                        }
-                        continue;
+        let now = tokio::time::Instant::now().into_std();
+        for q in &self.quotas {
+            match &q.kind {
+                QuotaKind::Memory(quota) => {
+                    if let Some(o) = q.memory(quota, attrs, now) {
+                        return o;
                     }
-                };
-                let g = quota.alloc(attrs, 1, now);
-                if !g.granted {
-                    q.exceeded.inc();
-                    return Outcome::OverQuota {
-                        name: quota.name().to_string(),
-                        limit: g.limit,
-                        remaining: g.remaining,
-                        reset: g.reset,
-                    };
                 }
-                q.granted.inc();
-            }
-        }
-        if remote.is_empty() {
-            Outcome::Allow
-        } else {
-            Outcome::Remote(remote)
-        }
-    }
-
-    /// Asks Redis for the quotas [`PolicyRt::evaluate`] could not answer locally; each call is
-    /// bounded by its quota's timeout.
-    pub(crate) async fn ask_remote(&self, asks: Vec<Ask>) -> Outcome {
-        for Ask(i, key, limit) in asks {
-            let Some(q) = self.quotas.get(i) else { continue };
-            let QuotaKind::Redis(r) = &q.kind else { continue };
-            match r.take(key, limit).await {
-                RedisAnswer::Granted => q.granted.inc(),
-                RedisAnswer::Exceeded {
-                    limit,
-                    remaining,
-                    reset,
-                } => {
-                    q.exceeded.inc();
-                    return Outcome::OverQuota {
-                        name: r.name().to_string(),
-                        limit,
-                        remaining,
-                        reset,
-                    };
-                }
-                RedisAnswer::Unavailable(reason) => {
+                QuotaKind::Redis(r) => {
                     return Outcome::Unavailable {
                         name: r.name().to_string(),
-                        reason,
+                        reason: "a Redis quota cannot be asked here".into(),
                     };
+                }
+            }
+        }
+        Outcome::Allow
+    }
+
+    /// True when a check or quota does I/O: then callers use [`PolicyRt::evaluate_async`].
+    pub(crate) fn is_async(&self) -> bool {
+        self.checks.iter().any(|c| matches!(c.kind, CheckKind::ExtAuthz(_)))
+            || self.quotas.iter().any(|q| matches!(q.kind, QuotaKind::Redis(_)))
+    }
+
+    /// [`PolicyRt::evaluate`], with remote checks (ext_authz) and Redis quotas asked in order;
+    /// each remote call is bounded by its own timeout.
+    pub(crate) async fn evaluate_async(&self, attrs: &(dyn Attributes + Sync)) -> Outcome {
+        for c in &self.checks {
+            let denial = match &c.kind {
+                CheckKind::ExtAuthz(e) => match e.check(attrs).await {
+                    Ok(()) => None,
+                    Err(d) => {
+                        c.denied.inc();
+                        return Outcome::Remote(d);
+                    }
+                },
+                _ => c.evaluate(attrs),
+            };
+            if let Some(denial) = denial {
+                c.denied.inc();
+                return Outcome::Deny(denial);
+            }
+            c.allowed.inc();
+        }
+        let now = tokio::time::Instant::now().into_std();
+        for q in &self.quotas {
+            match &q.kind {
+                QuotaKind::Memory(quota) => {
+                    if let Some(o) = q.memory(quota, attrs, now) {
+                        return o;
+                    }
+                }
+                QuotaKind::Redis(r) => {
+                    let (key, limit) = r.key(attrs);
+                    if r.take_local(&key) {
+                        q.granted.inc();
+                        continue;
+                    }
+                    match r.take(key, limit).await {
+                        RedisAnswer::Granted => q.granted.inc(),
+                        RedisAnswer::Exceeded {
+                            limit,
+                            remaining,
+                            reset,
+                        } => {
+                            q.exceeded.inc();
+                            return Outcome::OverQuota {
+                                name: r.name().to_string(),
+                                limit,
+                                remaining,
+                                reset,
+                            };
+                        }
+                        RedisAnswer::Unavailable(reason) => {
+                            return Outcome::Unavailable {
+                                name: r.name().to_string(),
+                                reason,
+                            };
+                        }
+                    }
                 }
             }
         }
@@ -382,6 +429,11 @@ impl CheckRt {
                     None => (!d.allowed).then(|| tessera_policy::rbac::ACCESS_DENIED.to_string()),
                 }
             }
+            // Asked by `PolicyRt::evaluate_async`; never here.
+            CheckKind::ExtAuthz(e) => Some(format!(
+                "PERMISSION_DENIED: {}: a remote check cannot be asked here",
+                e.name()
+            )),
             CheckKind::Opa { opa, errors, .. } => {
                 let v = opa.load().evaluate(attrs);
                 if v.error {

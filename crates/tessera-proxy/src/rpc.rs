@@ -735,7 +735,7 @@ impl Downstream {
                 PolicyOutcome::Allow => {}
                 // The config refuses Redis quotas on RPC chains; should one get here, refuse
                 // rather than let the request past an unasked quota.
-                PolicyOutcome::Remote(_) | PolicyOutcome::Unavailable { .. } => {
+                PolicyOutcome::Unavailable { .. } | PolicyOutcome::Remote(_) => {
                     st.policy_over_quota.inc();
                     let msg = "UNAVAILABLE: this quota's backend cannot be asked on an RPC chain".to_string();
                     return Ok((

@@ -91,6 +91,9 @@ pub enum StartError {
     /// A TLS context could not be built from its secrets and parameters.
     #[error("{0}")]
     Tls(String),
+    /// The Report pipeline (`telemetry:`) could not start.
+    #[error("{0}")]
+    Telemetry(String),
 }
 
 /// How to run the proxy.
@@ -141,6 +144,8 @@ pub(crate) struct Shared {
     active: AtomicUsize,
     conn_ids: AtomicU64,
     sink: ArcSwapOption<LogSink>,
+    /// Report (`telemetry:`), when configured; fixed at start.
+    pub(crate) report: Option<Arc<crate::report::Report>>,
     pub(crate) concurrency: usize,
     pub(crate) started: std::time::Instant,
 }
@@ -240,10 +245,15 @@ impl Server {
             config_reload_success: stats.counter(&server_scope, "config_reload_success"),
             config_reload_failure: stats.counter(&server_scope, "config_reload_failure"),
         };
+        let report = match &cfg.telemetry {
+            Some(t) => Some(crate::report::Report::start(t).map_err(StartError::Telemetry)?.0),
+            None => None,
+        };
         let log_scope = Scope::plain("access_log");
         let (sink, log_thread) = LogSink::start(
             stats.counter(&log_scope, "dropped"),
             stats.counter(&log_scope, "written"),
+            report.clone(),
         )
         .map_err(StartError::Thread)?;
         let concurrency = opts.concurrency.max(1);
@@ -263,6 +273,7 @@ impl Server {
             active: AtomicUsize::new(0),
             conn_ids: AtomicU64::new(1),
             sink: ArcSwapOption::from_pointee(sink),
+            report,
             concurrency,
             started: std::time::Instant::now(),
         });
@@ -330,6 +341,11 @@ impl Server {
         let shared = &self.shared;
         let stats = &shared.stats;
         let mut ctl = self.control.lock().await;
+        let now = serde_json::to_string(&cfg.telemetry).unwrap_or_default();
+        let running = serde_json::to_string(&shared.report.as_ref().map(|r| r.config())).unwrap_or_default();
+        if now != running {
+            tracing::warn!("the `telemetry` block changed; it takes effect when the sidecar restarts");
+        }
 
         // Phase 1: build everything and bind new sockets; nothing visible changes yet.
         // Certificates first (file reads, so on a blocking thread); unchanged ones are kept.
@@ -623,12 +639,17 @@ impl Server {
         shared.sink.store(None);
         let log_thread = ctl.log_thread.take();
         drop(ctl);
+        let report = shared.report.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
             }
             if let Some(t) = log_thread {
                 let _ = t.join();
+            }
+            // After the log thread, which feeds it: export what is queued, then stop.
+            if let Some(r) = report {
+                r.shutdown();
             }
         })
         .await;

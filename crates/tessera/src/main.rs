@@ -57,6 +57,17 @@ enum Cmd {
         /// The mesh file, e.g. examples/quickstart.yaml.
         file: PathBuf,
     },
+    /// Serve the checks and quotas of a policy file (`policy: {checks, quotas}`) remotely, over
+    /// Envoy's ext_authz gRPC API: the Mixer way, for proxies that only speak ext_authz and for
+    /// measuring what the in-process design saves.
+    CheckServer {
+        /// Where to listen (plaintext HTTP/2).
+        #[arg(long, default_value = "127.0.0.1:9191")]
+        listen: std::net::SocketAddr,
+        /// The policy file.
+        #[arg(long)]
+        policy: PathBuf,
+    },
     /// Run the sample HTTP service (HTTP/1.1 and h2c).
     SampleService {
         /// Where to listen.
@@ -93,6 +104,21 @@ fn main() -> ExitCode {
             watch_interval,
         } => runtime().and_then(|rt| rt.block_on(sidecar(config, concurrency, admin, drain_time, watch_interval))),
         Cmd::Up { file } => runtime().and_then(|rt| rt.block_on(up(file))),
+        Cmd::CheckServer { listen, policy } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let p = tessera_model::Policy::load(&policy).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let l = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("check server: cannot bind {listen}"))?;
+                let addr = l.local_addr().context("check server address")?;
+                eprintln!("check server listening on http://{addr}");
+                tracing::info!(address = %addr, "check server ready");
+                tokio::select! {
+                    r = tessera_proxy::check_server::serve(l, &p) => r.map_err(|e| anyhow::anyhow!("check server: {e}")),
+                    r = wait_for_stop(None) => r,
+                }
+            })
+        }),
         Cmd::SampleService { listen, name } => runtime().and_then(|rt| {
             rt.block_on(async {
                 let addr = sample::start(listen, name).await?;

@@ -328,3 +328,55 @@ allow := false if input.request.headers["x-b"] == "1"
     std::thread::sleep(Duration::from_secs(9).saturating_sub(start.elapsed()));
     assert_eq!(status(&format!("{base}/timed"), &[]), "403", "after the deadline");
 }
+
+/// The Mixer way, for comparison and for existing authorization servers: the sidecar's ext_authz
+/// check calls `tessera check-server` (Envoy's external authorization gRPC API) per request.
+/// The server's answers (403, 429 with its headers) come back as they are; a dead server fails
+/// closed within the timeout.
+#[test]
+fn ext_authz_to_the_check_server() {
+    let (_svc, svc) = sample_service("svc");
+    let dir = TempDir::new("checksrv");
+    let policy = dir.write(
+        "mixer.yaml",
+        r#"policy:
+  checks:
+  - list: { name: blocked-users, attribute: "request.headers[x-user]", entries: [blocked], blacklist: true }
+  quotas:
+  - { name: per-user, max: 2, window: 1h, dimensions: ["request.headers[x-user]"] }
+"#,
+    );
+    let mut server = Proc::tessera(&[
+        "check-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    let addr = server.logged_addr("check server ready", Duration::from_secs(20));
+    let checks =
+        format!("        checks:\n        - ext_authz: {{ name: mixer, address: \"{addr}\", timeout: 500ms }}");
+    let (p, listen, admin, _dir) = http_sidecar(&checks, svc);
+    let url = format!("http://{listen}/");
+    assert_eq!(status(&url, &["x-user: ann"]), "200");
+    let out = curl_ok(&["-s", "-i", "-H", "x-user: blocked", &url]);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(out.contains("PERMISSION_DENIED: blocked-users:"), "{out}");
+    assert_eq!(status(&url, &["x-user: ann"]), "200");
+    let out = curl_ok(&["-s", "-i", "-H", "x-user: ann", &url]);
+    assert!(out.starts_with("HTTP/1.1 429"), "the server's status: {out}");
+    assert!(
+        out.to_ascii_lowercase().contains("x-ratelimit-limit: 2"),
+        "the server's headers: {out}"
+    );
+    // The server dies: fail closed (Envoy's default), quickly.
+    server.signal("KILL");
+    let _ = server.wait(Duration::from_secs(5));
+    let t = Instant::now();
+    let out = curl_ok(&["-s", "-i", "-H", "x-user: zed", &url]);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(out.contains("authorization server failed"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let stats = curl_ok(&[&format!("http://{admin}/stats?filter=mixer")]);
+    assert!(stats.contains("policy.ingress.mixer.error: 1"), "{stats}\n{}", p.log());
+}

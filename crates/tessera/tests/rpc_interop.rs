@@ -599,6 +599,19 @@ fn rpc_policy_denies_and_limits_natively() {
     let policy = r#"      policy:
         checks:
         - list: { name: tenants, attribute: "rpc.attachments[x-tenant]", entries: [banned], blacklist: true }
+        - rbac:
+            name: no-admin-methods
+            action: DENY
+            policies:
+              admin: { permissions: [{ rpc_method: { prefix: admin } }], principals: [{ any: true }] }
+        - opa:
+            name: rego
+            query: data.rpc.allow
+            rego: |
+              package rpc
+              default allow := false
+              allow if input.rpc.attachments["x-tenant"] != "suspended"
+              allow if input.rpc.method == "echo"
         quotas:
         - { name: per-method, max: 2, window: 1h, dimensions: [rpc.service, rpc.method] }"#;
     let (_p, listen, _admin, _dir) =
@@ -621,6 +634,22 @@ fn rpc_policy_denies_and_limits_natively() {
     );
     assert_eq!(rs.iter().filter(|r| r["value"] == "p:y").count(), 2, "{rs:?}");
     assert_eq!(rs[2]["code"], 100, "{rs:?}");
+    // RBAC on the RPC method, answered natively with Envoy's wording.
+    let r = dubbo_call(listen, echo, "adminReset", r#"["x"]"#, &["--attach", "x-tenant=ok"]);
+    assert_eq!(r["code"], 40, "{r}");
+    assert!(
+        r["error"].as_str().is_some_and(|e| e.contains("RBAC: access denied")),
+        "{r}"
+    );
+    // Rego over the attachments: a suspended tenant may only call echo.
+    let r = dubbo_call(listen, echo, "other", r#"["x"]"#, &["--attach", "x-tenant=suspended"]);
+    assert_eq!(r["code"], 40, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("PERMISSION_DENIED: rego")),
+        "{r}"
+    );
 }
 
 // ------------------------------------------------------------------------------- Triple (Dubbo 3)

@@ -90,16 +90,18 @@ fn check(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Check> {
     let list = o.get("list");
     let rbac = o.get("rbac");
     let opa = o.get("opa");
+    let ext = o.get("ext_authz");
     o.finish(ctx);
-    match (list, rbac, opa) {
-        (Some((n, p)), None, None) => list_check(ctx, n, &p).map(Check::List),
-        (None, Some((n, p)), None) => rbac_check(ctx, n, &p).map(Check::Rbac),
-        (None, None, Some((n, p))) => opa_check(ctx, n, &p).map(Check::Opa),
-        (None, None, None) => {
+    match (list, rbac, opa, ext) {
+        (Some((n, p)), None, None, None) => list_check(ctx, n, &p).map(Check::List),
+        (None, Some((n, p)), None, None) => rbac_check(ctx, n, &p).map(Check::Rbac),
+        (None, None, Some((n, p)), None) => opa_check(ctx, n, &p).map(Check::Opa),
+        (None, None, None, Some((n, p))) => ext_authz_check(ctx, n, &p).map(Check::ExtAuthz),
+        (None, None, None, None) => {
             ctx.error(
                 n.mark,
                 p,
-                "a check has one of `list: {...}`, `rbac: {...}`, `opa: {...}`",
+                "a check has one of `list: {...}`, `rbac: {...}`, `opa: {...}`, `ext_authz: {...}`",
             );
             None
         }
@@ -107,11 +109,33 @@ fn check(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Check> {
             ctx.error(
                 n.mark,
                 p,
-                "a check has only one of `list`, `rbac`, `opa`; write two checks",
+                "a check has only one of `list`, `rbac`, `opa`, `ext_authz`; write two checks",
             );
             None
         }
     }
+}
+
+/// `ext_authz: { name, address, timeout, fail_open }`.
+fn ext_authz_check(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<ExtAuthzCheck> {
+    let mut o = Obj::open(ctx, n, p)?;
+    let name = o.req_string(ctx, "name");
+    let address = o.req_string(ctx, "address");
+    let timeout = o.duration(ctx, "timeout").unwrap_or(Duration::from_millis(200));
+    let fail_open = o.bool(ctx, "fail_open").unwrap_or(false);
+    o.finish(ctx);
+    if let Some(a) = &address
+        && super::split_host_port(a).is_none()
+    {
+        ctx.error(n.mark, &p.field("address"), format!("`{a}` is not host:port"));
+        return None;
+    }
+    Some(ExtAuthzCheck {
+        name: name?,
+        address: address?,
+        timeout,
+        fail_open,
+    })
 }
 
 fn list_check(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<ListCheck> {

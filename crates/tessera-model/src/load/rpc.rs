@@ -52,6 +52,12 @@ pub(super) fn rpc_proxy(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>, list
         .get("policy")
         .and_then(|(n, p)| {
             let policy = super::policy::policy(ctx, n, &p)?;
+            for (i, c) in policy.checks.iter().enumerate() {
+                if let crate::policy::Check::ExtAuthz(_) = c {
+                    let cp = p.field("checks").index(i).field("ext_authz");
+                    ctx.error(n.mark, &cp, "ext_authz is not built for RPC chains; use list, rbac or opa");
+                }
+            }
             for (i, q) in policy.quotas.iter().enumerate() {
                 if q.redis.is_some() {
                     let qp = p.field("quotas").index(i).field("redis");

@@ -866,7 +866,7 @@ fn policy_errors_name_the_field() {
         "unknown permission `bogus`",
         "policy.checks[1].opa: an opa check needs Rego",
         "policy.checks[1].opa.query: `allow` is not a rule reference",
-        "policy.checks[2]: a check has only one of `list`, `rbac`, `opa`",
+        "policy.checks[2]: a check has only one of `list`, `rbac`, `opa`, `ext_authz`",
         "policy.quotas[1].redis: a Redis quota needs `address: host:port` or `cluster: [host:port, ...]`",
         "policy.quotas[2].redis: `nohost` is not host:port",
     ] {
