@@ -29,6 +29,22 @@ pub struct Telemetry {
     /// An access log written by the export thread (JSON lines or a format), rotated by size.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_log: Option<ReportLog>,
+    /// Spans for HTTP requests, exported over OTLP/HTTP; trace context propagated upstream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+}
+
+/// Tracing: W3C `traceparent` and B3 propagation, one span per request, OTLP export.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tracing {
+    /// The OTLP/HTTP collector (`host:port`, usually 4318).
+    pub otlp: SocketAddr,
+    /// The request path (`/v1/traces`).
+    pub path: String,
+    /// The resource's `service.name`.
+    pub service_name: String,
+    /// Percent of new traces (no sampling decision from the caller) that are sampled.
+    pub sampling: f64,
 }
 
 /// Istio's `reporter` label.

@@ -425,10 +425,12 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
         parts.headers.insert(X_REQUEST_ID, v);
     }
     let grpc = router::is_grpc(&parts.headers);
+    let trace = crate::report::trace(&mut parts.headers);
     let log = chain.logs.as_ref().map(|spec| {
         let mut r = Box::new(LogRecord::new(spec, cx.remote, cx.local, cx.id));
         r.capture_request(&parts, authority(&parts));
         r.grpc = grpc;
+        r.trace = trace;
         r.scheme = cx.scheme;
         r.tls = cx.tls.clone();
         r

@@ -9,9 +9,11 @@
 //! it is reported as needing a restart.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use tessera_model::telemetry as model;
+use tessera_telemetry::otlp::{OtlpConfig, OtlpSink};
+use tessera_telemetry::trace::{B3, Sampling, SpanId, TraceContext};
 use tessera_telemetry::{
     AccessLogConfig, AccessLogFormat, AccessLogOutput, AccessLogSink, Event, IstioMetrics, IstioMetricsConfig,
     IstioMetricsView, Kind, Label, Peer, Reporter, ReporterConfig, ReporterJoin, ReporterSide, SecurityPolicy, Sink,
@@ -27,6 +29,66 @@ static REPORTING: AtomicBool = AtomicBool::new(false);
 /// True when finished requests are reported.
 pub(crate) fn reporting() -> bool {
     REPORTING.load(Ordering::Relaxed)
+}
+
+/// New traces sampled per million when tracing is on; `u32::MAX`: tracing is off.
+static SAMPLE_PER_MILLION: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// Starts (or continues) the request's trace: reads the caller's context (`traceparent`, then
+/// B3 single, then B3 multi), makes this sidecar's span its child, and rewrites the propagation
+/// headers so the upstream sees the sidecar's span as its parent. `None` when tracing is off.
+pub(crate) fn trace(headers: &mut http::HeaderMap) -> Option<TraceContext> {
+    let per_million = SAMPLE_PER_MILLION.load(Ordering::Relaxed);
+    if per_million == u32::MAX {
+        return None;
+    }
+    let text = |h: &http::HeaderMap, name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let w3c = text(headers, "traceparent").and_then(|v| TraceContext::parse_traceparent(&v).ok());
+    let (b3_single, b3_sampling) = match text(headers, "b3").map(|v| TraceContext::parse_b3(&v)) {
+        Some(Ok(B3::Context(c))) => (Some(c), None),
+        Some(Ok(B3::SamplingOnly(s))) => (None, Some(s)),
+        _ => (None, None),
+    };
+    let b3_multi = if headers.contains_key("x-b3-traceid") {
+        let h = &*headers;
+        TraceContext::parse_b3_multi(|name| h.get(name).and_then(|v| v.to_str().ok())).ok()
+    } else {
+        None
+    };
+    let parent = w3c.or(b3_single).or(b3_multi);
+    let decide = |s: Sampling| match s {
+        Sampling::Deferred if crate::util::rand_below(1_000_000) < u64::from(per_million) => Sampling::Sampled,
+        Sampling::Deferred => Sampling::NotSampled,
+        other => other,
+    };
+    let span = SpanId::random();
+    let ctx = match parent {
+        Some(p) => {
+            let mut c = p.child(span);
+            c.sampling = decide(c.sampling);
+            c
+        }
+        None => {
+            let mut c = TraceContext::new_root(decide(b3_sampling.unwrap_or(Sampling::Deferred)));
+            c.span_id = span;
+            c
+        }
+    };
+    let set = |h: &mut http::HeaderMap, name: &'static str, v: String| {
+        if let Ok(v) = http::HeaderValue::from_str(&v) {
+            h.insert(name, v);
+        }
+    };
+    set(headers, "traceparent", ctx.to_traceparent());
+    if b3_single.is_some() || b3_sampling.is_some() {
+        set(headers, "b3", ctx.to_b3());
+    }
+    if b3_multi.is_some() {
+        for (name, v) in ctx.to_b3_multi() {
+            set(headers, name, v);
+        }
+    }
+    Some(ctx)
 }
 
 /// The running Report pipeline.
@@ -80,6 +142,11 @@ impl Report {
                     .map_err(|e| format!("telemetry.access_log: {e}"))?,
             ));
         }
+        if let Some(t) = &cfg.tracing {
+            let mut c = OtlpConfig::new(t.otlp, t.service_name.clone());
+            c.path = t.path.clone();
+            sinks.push(Box::new(OtlpSink::new(c)));
+        }
         let rc = ReporterConfig {
             queue_capacity: cfg.queue,
             flush_interval: cfg.flush_interval,
@@ -90,6 +157,9 @@ impl Report {
         let label = |v: &Option<String>| v.as_deref().map(Label::from);
         let w = &cfg.workload;
         REPORTING.store(true, Ordering::Relaxed);
+        if let Some(t) = &cfg.tracing {
+            SAMPLE_PER_MILLION.store((t.sampling * 10_000.0).round() as u32, Ordering::Relaxed);
+        }
         Ok((
             Arc::new(Report {
                 reporter,
@@ -182,6 +252,7 @@ impl Report {
         e.downstream_remote_address = Some(rec.downstream_remote);
         e.response_code = rec.response_code;
         e.grpc_response_status = rec.grpc_status;
+        e.trace = rec.trace;
         let flags = rec.flags.to_string();
         if flags != "-" {
             e.response_flags = flags.into();

@@ -18,12 +18,15 @@ bound (the queue, the number of metric series and the log files are all capped).
 It knows nothing of sockets on the data path, of xDS or of the proxy's config model: the proxy
 fills [`Event`]s and picks sinks.
 
-OTLP: feature "otlp", not built yet. Spans and metrics over OTLP would be one more [`Sink`].
+OTLP (cargo feature `otlp`): [`otlp::OtlpSink`] exports one span per sampled event over
+OTLP/HTTP with the JSON encoding; OTLP metrics and logs are not built.
 "#]
 
 pub mod access_log;
 pub mod event;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod reporter;
 pub mod sink;
 pub mod statsd;

@@ -3,12 +3,15 @@
 use std::fmt::Write as _;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::TelemetryError;
+
+/// How long the export thread naps between draining the queue while a batch fills.
+const NAP: Duration = Duration::from_millis(5);
 use crate::event::Event;
 use crate::metrics::escape_label_value;
 use crate::sink::Sink;
@@ -404,19 +407,30 @@ impl Worker {
             // The first event starts the clock: no event waits longer than `flush_interval`.
             let deadline = Instant::now() + self.flush_interval;
             let mut stop = false;
-            while batch.len() < self.max_batch {
+            // Collect by draining and napping rather than blocking per event: a sender only pays
+            // a wake-up (a futex call on the sending thread) when this thread is blocked, which
+            // under load is now almost never.
+            'collect: while batch.len() < self.max_batch {
+                loop {
+                    match self.rx.try_recv() {
+                        Ok(Msg::Event(event)) => {
+                            batch.push(event);
+                            if batch.len() >= self.max_batch {
+                                break 'collect;
+                            }
+                        }
+                        Ok(Msg::Shutdown) | Err(TryRecvError::Disconnected) => {
+                            stop = true;
+                            break 'collect;
+                        }
+                        Err(TryRecvError::Empty) => break,
+                    }
+                }
                 let now = Instant::now();
                 if now >= deadline {
                     break;
                 }
-                match self.rx.recv_timeout(deadline - now) {
-                    Ok(Msg::Event(event)) => batch.push(event),
-                    Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
-                        stop = true;
-                        break;
-                    }
-                    Err(RecvTimeoutError::Timeout) => break,
-                }
+                std::thread::sleep(NAP.min(deadline - now));
             }
             self.deliver(&mut batch);
             if stop {

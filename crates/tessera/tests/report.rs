@@ -197,3 +197,126 @@ fn a_failing_sink_never_slows_requests() {
     assert!(accepted > 0, "{text}");
     assert!(accepted + dropped <= 2000, "{accepted} + {dropped}");
 }
+
+/// A collector stand-in: accepts OTLP/HTTP POSTs on loopback and hands their bodies over. (No
+/// OpenTelemetry collector runs here; the bodies are checked against the real OTLP protobuf
+/// schema with the `opentelemetry-proto` package, which `.ci/run` installs.)
+fn collector() -> (SocketAddr, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut len = 0usize;
+            let mut line = String::new();
+            let mut first = true;
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if first {
+                    assert!(line.starts_with("POST /v1/traces HTTP/1.1"), "{line}");
+                    first = false;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            if r.read_exact(&mut body).is_ok() {
+                let _ = (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+            }
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn traces_are_propagated_and_exported_over_otlp() {
+    let (_svc, svc) = sample_service("traced");
+    let dir = TempDir::new("report-otlp");
+    let (addr, bodies) = collector();
+    let telemetry = format!(
+        "  flush_interval: 100ms\n  workload: {{ name: traced-v1 }}\n  tracing: {{ otlp: \"{addr}\", sampling: 100 }}"
+    );
+    let (_p, listen, _admin) = sidecar(&telemetry, svc, &dir);
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let caller = "b7ad6b7169203331";
+    let seen = curl_ok(&[
+        "-s",
+        "-H",
+        &format!("traceparent: 00-{trace}-{caller}-01"),
+        &format!("http://{listen}/headers"),
+    ]);
+    let seen: serde_json::Value = serde_json::from_str(&seen).expect("the sample service's JSON");
+    let forwarded = seen["headers"]["traceparent"].as_str().expect("traceparent forwarded");
+    let parts: Vec<&str> = forwarded.split('-').collect();
+    assert_eq!(parts.len(), 4, "{forwarded}");
+    assert_eq!(parts[1], trace, "same trace");
+    assert_ne!(parts[2], caller, "the sidecar's own span is the upstream's parent");
+    assert_eq!(parts[3], "01", "sampled");
+    // B3 multi headers are rewritten the same way.
+    let seen = curl_ok(&[
+        "-s",
+        "-H",
+        "x-b3-traceid: 463ac35c9f6413ad48485a3953bb6124",
+        "-H",
+        "x-b3-spanid: a2fb4a1d1a96d312",
+        "-H",
+        "x-b3-sampled: 1",
+        &format!("http://{listen}/headers"),
+    ]);
+    let seen: serde_json::Value = serde_json::from_str(&seen).unwrap();
+    assert_eq!(seen["headers"]["x-b3-traceid"], "463ac35c9f6413ad48485a3953bb6124");
+    assert_eq!(seen["headers"]["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+
+    // The exported span: this trace, the caller as parent, the forwarded span as its id.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut all = Vec::new();
+    let span = loop {
+        if let Ok(b) = bodies.recv_timeout(Duration::from_millis(200)) {
+            all.push(b);
+        }
+        let found = all.iter().find_map(|b| {
+            let v: serde_json::Value = serde_json::from_str(b).ok()?;
+            let spans = v["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array()?.clone();
+            spans.into_iter().find(|s| s["traceId"] == trace)
+        });
+        if let Some(s) = found {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no span for the trace; bodies: {all:?}");
+    };
+    assert_eq!(span["parentSpanId"], caller, "{span}");
+    assert_eq!(span["spanId"], parts[2], "{span}");
+    assert_eq!(span["kind"], 2, "a server span: {span}");
+    assert_eq!(span["name"], format!("GET {listen}"), "{span}");
+    // The real OTLP schema accepts the document.
+    let file = dir.write("otlp.json", &all[0]);
+    let check = r#"
+import sys
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+req = json_format.Parse(open(sys.argv[1]).read(), ExportTraceServiceRequest())
+spans = [s for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+assert spans and all(s.end_time_unix_nano >= s.start_time_unix_nano > 0 for s in spans), spans
+print(len(spans), req.resource_spans[0].resource.attributes[0].value.string_value)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", check, file.to_str().unwrap()])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "the OTLP schema rejected the export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).trim_end().ends_with(" traced-v1"));
+}

@@ -74,6 +74,30 @@ pub(super) fn telemetry(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Telemetry> 
             max_files,
         })
     });
+    let tracing = o.get("tracing").and_then(|(n, p)| {
+        let mut t = Obj::open(ctx, n, &p)?;
+        let otlp = t.require(ctx, "otlp").and_then(|(n, p)| socket_addr(ctx, n, &p));
+        let path = t.string(ctx, "path").unwrap_or_else(|| "/v1/traces".into());
+        let service_name = t
+            .string(ctx, "service_name")
+            .or_else(|| workload.name.clone())
+            .unwrap_or_else(|| "tessera".into());
+        let sampling = t.get("sampling").and_then(|(n, p)| {
+            crate::decode::parse_scalar(ctx, n, &p, "a percentage from 0 to 100", |s| {
+                s.parse::<f64>().ok().filter(|v| (0.0..=100.0).contains(v))
+            })
+        });
+        t.finish(ctx);
+        if !path.starts_with('/') {
+            ctx.error(n.mark, &p.field("path"), "the path starts with `/`");
+        }
+        Some(Tracing {
+            otlp: otlp?,
+            path,
+            service_name,
+            sampling: sampling.unwrap_or(100.0),
+        })
+    });
     if flush_interval.is_zero() {
         ctx.error(n.mark, &p.field("flush_interval"), "must be longer than zero");
     }
@@ -86,5 +110,6 @@ pub(super) fn telemetry(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<Telemetry> 
         prometheus,
         statsd,
         access_log,
+        tracing,
     })
 }
