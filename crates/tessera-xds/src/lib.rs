@@ -1,0 +1,57 @@
+//! xDS at the boundary (issue 8): Envoy v3 resources, as `envoy-types` decodes them, converted into
+//! `tessera-model`. Every conversion reports all it cannot honour at once, each with the field
+//! path and the reason, so a NACK (or a bootstrap rejection) says exactly what to change.
+//!
+//! Built so far: clusters (STATIC, STRICT_DNS; LB policies; circuit breakers; HTTP/2 through
+//! `typed_extension_protocol_options`) and their inline `load_assignment` (localities, priorities,
+//! weights, labels from `envoy.lb` metadata, health status). Not yet: listeners, routes, secrets,
+//! EDS/ORIGINAL_DST clusters, the ADS client and the bootstrap loader.
+
+pub mod cluster;
+
+/// One thing a resource asks for that Tessera cannot honour, or that is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct Unsupported {
+    /// Where, e.g. `clusters[2].lb_policy` or `cluster "web".load_assignment.endpoints[0]`.
+    pub path: String,
+    /// Why, and what would work instead.
+    pub reason: String,
+}
+
+/// Collects [`Unsupported`]s under a path prefix.
+#[derive(Debug, Default)]
+pub struct Problems {
+    list: Vec<Unsupported>,
+}
+
+impl Problems {
+    /// Records a problem at `path`.
+    pub fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.list.push(Unsupported {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+
+    /// The problems, or `Ok(value)` when there are none.
+    pub fn finish<T>(self, value: T) -> Result<T, Vec<Unsupported>> {
+        if self.list.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.list)
+        }
+    }
+
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+/// A protobuf `Duration` as a std one; negative or out-of-range values are `None`.
+pub(crate) fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> Option<std::time::Duration> {
+    let secs = u64::try_from(d.seconds).ok()?;
+    let nanos = u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    Some(std::time::Duration::new(secs, nanos))
+}
