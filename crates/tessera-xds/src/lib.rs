@@ -8,6 +8,7 @@
 //! EDS/ORIGINAL_DST clusters, the ADS client and the bootstrap loader.
 
 pub mod cluster;
+pub mod listener;
 pub mod route;
 
 /// One thing a resource asks for that Tessera cannot honour, or that is malformed.
