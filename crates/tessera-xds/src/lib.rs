@@ -7,6 +7,7 @@
 //! weights, labels from `envoy.lb` metadata, health status). Not yet: listeners, routes, secrets,
 //! EDS/ORIGINAL_DST clusters, the ADS client and the bootstrap loader.
 
+pub mod bootstrap;
 pub mod cluster;
 pub mod listener;
 pub mod route;
