@@ -61,7 +61,12 @@ pub fn bootstrap(b: &Bootstrap) -> Result<model::Config, Vec<Unsupported>> {
         }
     }
     // Cross references Envoy checks at load: every route and TCP proxy names a known cluster.
-    let known: HashSet<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+    // Clusters refused above still count as defined: their own problems are already listed.
+    let known: HashSet<&str> = b
+        .static_resources
+        .iter()
+        .flat_map(|s| s.clusters.iter().map(|c| c.name.as_str()))
+        .collect();
     for (li, l) in listeners.iter().enumerate() {
         for (ci, c) in l.filter_chains.iter().enumerate() {
             let at = format!("static_resources.listeners[{li}].filter_chains[{ci}]");

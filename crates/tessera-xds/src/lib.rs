@@ -2,14 +2,16 @@
 //! `tessera-model`. Every conversion reports all it cannot honour at once, each with the field
 //! path and the reason, so a NACK (or a bootstrap rejection) says exactly what to change.
 //!
-//! Built so far: clusters (STATIC, STRICT_DNS; LB policies; circuit breakers; HTTP/2 through
-//! `typed_extension_protocol_options`) and their inline `load_assignment` (localities, priorities,
-//! weights, labels from `envoy.lb` metadata, health status). Not yet: listeners, routes, secrets,
-//! EDS/ORIGINAL_DST clusters, the ADS client and the bootstrap loader.
+//! Built so far: [`load`] (YAML/JSON bootstraps through Envoy's descriptors), [`bootstrap`]
+//! (node, admin, static resources, cross references), [`listener`] (filter chains, the HTTP
+//! connection manager with inline routes, the TCP proxy), [`route`] and [`cluster`] (STATIC and
+//! STRICT_DNS with inline endpoints). docs/xds.md lists what converts and what is refused; the
+//! ADS client, TLS, secrets and most HTTP filters are not built yet.
 
 pub mod bootstrap;
 pub mod cluster;
 pub mod listener;
+pub mod load;
 pub mod route;
 
 /// One thing a resource asks for that Tessera cannot honour, or that is malformed.

@@ -31,8 +31,17 @@ enum Cmd {
     /// Run the sidecar on a static config file; SIGHUP or editing the file reloads it.
     Sidecar {
         /// The config file.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(
+            long,
+            short,
+            required_unless_present = "envoy_bootstrap",
+            conflicts_with = "envoy_bootstrap"
+        )]
+        config: Option<PathBuf>,
+        /// An Envoy v3 bootstrap (YAML or JSON) to run instead: its static resources, where
+        /// Tessera supports them (docs/xds.md).
+        #[arg(long)]
+        envoy_bootstrap: Option<PathBuf>,
         /// Worker threads (default: number of cores).
         #[arg(long)]
         concurrency: Option<usize>,
@@ -51,6 +60,9 @@ enum Cmd {
         /// Files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// The files are Envoy v3 bootstraps: each loads, or every unsupported field is listed.
+        #[arg(long)]
+        envoy_bootstrap: bool,
     },
     /// Start a local mesh (sample services and sidecars) from a mesh file.
     Up {
@@ -95,14 +107,28 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.cmd {
-        Cmd::Check { files } => return check(&files),
+        Cmd::Check { files, envoy_bootstrap } => {
+            return if envoy_bootstrap {
+                check(&[], &files)
+            } else {
+                check(&files, &[])
+            };
+        }
         Cmd::Sidecar {
             config,
+            envoy_bootstrap,
             concurrency,
             admin,
             drain_time,
             watch_interval,
-        } => runtime().and_then(|rt| rt.block_on(sidecar(config, concurrency, admin, drain_time, watch_interval))),
+        } => {
+            let src = match (config, envoy_bootstrap) {
+                (Some(p), _) => Source::Tessera(p),
+                (None, Some(p)) => Source::Envoy(p),
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            runtime().and_then(|rt| rt.block_on(sidecar(src, concurrency, admin, drain_time, watch_interval)))
+        }
         Cmd::Up { file } => runtime().and_then(|rt| rt.block_on(up(file))),
         Cmd::CheckServer { listen, policy } => runtime().and_then(|rt| {
             rt.block_on(async {
@@ -146,8 +172,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the control runtime")
 }
 
-fn check(files: &[PathBuf]) -> ExitCode {
+fn check(files: &[PathBuf], envoy: &[PathBuf]) -> ExitCode {
     let mut bad = false;
+    for f in envoy {
+        match Source::Envoy(f.clone()).parse_file() {
+            Ok(cfg) => println!(
+                "{}: OK as an Envoy bootstrap ({} listeners, {} clusters)",
+                f.display(),
+                cfg.listeners.len(),
+                cfg.clusters.len()
+            ),
+            Err(e) => {
+                bad = true;
+                println!("{e}");
+            }
+        }
+    }
     for f in files {
         match Config::load(f) {
             Ok(cfg) => {
@@ -177,22 +217,65 @@ fn check(files: &[PathBuf]) -> ExitCode {
     if bad { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
+/// Where the sidecar's configuration comes from.
+#[derive(Clone)]
+enum Source {
+    /// Tessera's YAML.
+    Tessera(PathBuf),
+    /// An Envoy v3 bootstrap.
+    Envoy(PathBuf),
+}
+
+impl Source {
+    fn path(&self) -> &Path {
+        match self {
+            Source::Tessera(p) | Source::Envoy(p) => p,
+        }
+    }
+
+    /// Validates `text`; the error lists every problem with the file's name.
+    fn parse(&self, text: &str) -> Result<Config, String> {
+        let file = self.path().display().to_string();
+        match self {
+            Source::Tessera(_) => Config::from_yaml(text, &file).map_err(|e: LoadError| e.to_string()),
+            Source::Envoy(_) => {
+                let b = tessera_xds::load::bootstrap_text(text, &file).map_err(|e| e.to_string())?;
+                tessera_xds::bootstrap::bootstrap(&b).map_err(|errs| {
+                    let mut out = format!("{file}: {} thing(s) Tessera cannot run yet:", errs.len());
+                    for e in errs {
+                        out.push_str(&format!("\n  {e}"));
+                    }
+                    out
+                })
+            }
+        }
+    }
+
+    fn parse_file(&self) -> Result<Config, String> {
+        let text =
+            std::fs::read_to_string(self.path()).map_err(|e| format!("{}: cannot read: {e}", self.path().display()))?;
+        self.parse(&text)
+    }
+}
+
 /// Reads and validates a config without blocking the control runtime.
-async fn load(path: &Path) -> anyhow::Result<Config> {
+async fn load(src: &Source) -> anyhow::Result<Config> {
+    let path = src.path();
     let text = tokio::fs::read_to_string(path)
         .await
         .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
-    Config::from_yaml(&text, &path.display().to_string()).map_err(|e: LoadError| anyhow::anyhow!("{e}"))
+    src.parse(&text).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 async fn sidecar(
-    path: PathBuf,
+    src: Source,
     concurrency: Option<usize>,
     admin: Option<std::net::SocketAddr>,
     drain_time: Option<Duration>,
     watch_interval: Duration,
 ) -> anyhow::Result<()> {
-    let cfg = load(&path).await?;
+    let cfg = load(&src).await?;
+    let path = src.path().to_path_buf();
     let mut opts = Options::default();
     if let Some(n) = concurrency {
         opts.concurrency = n;
@@ -201,7 +284,7 @@ async fn sidecar(
     opts.secret_refresh = watch_interval;
     let server = Server::start(cfg, opts).await.context("cannot start the sidecar")?;
     announce(&server, &path);
-    let reason = run_until_stop(&server, &path, (!watch_interval.is_zero()).then_some(watch_interval)).await?;
+    let reason = run_until_stop(&server, &src, (!watch_interval.is_zero()).then_some(watch_interval)).await?;
     let drain = drain_time.unwrap_or(server.config().drain_time);
     tracing::info!(%reason, drain = ?drain, "draining, then exiting");
     server.shutdown(drain).await;
@@ -222,7 +305,8 @@ fn announce(server: &Server, path: &Path) {
 
 /// Serves until SIGTERM, SIGINT or `/quitquitquit`, reloading `path` on SIGHUP and, when
 /// `watch` is set, whenever its content changes (checked at that interval).
-async fn run_until_stop(server: &Server, path: &Path, watch: Option<Duration>) -> anyhow::Result<&'static str> {
+async fn run_until_stop(server: &Server, src: &Source, watch: Option<Duration>) -> anyhow::Result<&'static str> {
+    let path = src.path();
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -233,13 +317,13 @@ async fn run_until_stop(server: &Server, path: &Path, watch: Option<Duration>) -
         tokio::select! {
             _ = hup.recv() => {
                 last = tokio::fs::read(path).await.ok();
-                reload(server, path, "SIGHUP").await;
+                reload(server, src, "SIGHUP").await;
             }
             _ = tick.tick(), if watch.is_some() => {
                 let now = tokio::fs::read(path).await.ok();
                 if now.is_some() && now != last {
                     last = now;
-                    reload(server, path, "file changed").await;
+                    reload(server, src, "file changed").await;
                 }
             }
             _ = term.recv() => return Ok("SIGTERM"),
@@ -249,7 +333,8 @@ async fn run_until_stop(server: &Server, path: &Path, watch: Option<Duration>) -
     }
 }
 
-async fn reload(server: &Server, path: &Path, why: &str) {
+async fn reload(server: &Server, src: &Source, why: &str) {
+    let path = src.path();
     let text = match tokio::fs::read_to_string(path).await {
         Ok(t) => t,
         Err(e) => {
@@ -257,7 +342,7 @@ async fn reload(server: &Server, path: &Path, why: &str) {
             return;
         }
     };
-    match Config::from_yaml(&text, &path.display().to_string()) {
+    match src.parse(&text) {
         Ok(cfg) => match server.reload(cfg).await {
             Ok(()) => tracing::info!(config = %path.display(), reason = why, "configuration reloaded"),
             Err(e) => {
@@ -300,7 +385,7 @@ async fn up(file: PathBuf) -> anyhow::Result<()> {
     let mut servers = Vec::new();
     let mut try_url = None;
     for sc in &spec.sidecars {
-        let cfg = load(&sc.config).await?;
+        let cfg = load(&Source::Tessera(sc.config.clone())).await?;
         let opts = Options {
             concurrency: sc.concurrency,
             ..Options::default()
