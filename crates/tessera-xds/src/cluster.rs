@@ -30,6 +30,10 @@ pub fn cluster(c: &Cluster, at: &str) -> Result<model::Cluster, Vec<Unsupported>
         Some(cluster::ClusterDiscoveryType::Type(t)) => match cluster::DiscoveryType::try_from(*t) {
             Ok(cluster::DiscoveryType::Static) => model::DiscoveryType::Static,
             Ok(cluster::DiscoveryType::StrictDns) => model::DiscoveryType::StrictDns,
+            // Envoy's LOGICAL_DNS connects to the first address a name resolves to; Tessera
+            // resolves it as STRICT_DNS, which is the same for the one-address names it is used
+            // for and spreads load over every address otherwise (docs/xds.md).
+            Ok(cluster::DiscoveryType::LogicalDns) => model::DiscoveryType::StrictDns,
             Ok(other) => {
                 p.add(
                     f("type"),
@@ -507,6 +511,14 @@ mod tests {
 
     #[test]
     fn what_cannot_be_honoured_is_listed_with_paths() {
+        let mut logical = base();
+        logical.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::LogicalDns as i32,
+        ));
+        assert_eq!(
+            cluster(&logical, "c").unwrap().discovery,
+            model::DiscoveryType::StrictDns
+        );
         let mut c = base();
         c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32));
         c.lb_policy = cluster::LbPolicy::ClusterProvided as i32;
