@@ -39,7 +39,12 @@ impl std::hash::Hash for At {
 
 impl fmt::Display for At {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.field)
+        if self.line == 0 {
+            // Converted from a source without positions (an Envoy bootstrap, xDS): the field path.
+            write!(f, "{}: {}", self.file, self.field)
+        } else {
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.field)
+        }
     }
 }
 

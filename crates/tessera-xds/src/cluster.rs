@@ -102,9 +102,10 @@ pub fn cluster(c: &Cluster, at: &str) -> Result<model::Cluster, Vec<Unsupported>
             }
         }
     }
-    if c.transport_socket.is_some() {
-        p.add(f("transport_socket"), "upstream TLS from xDS is not supported yet");
-    }
+    let tls = c
+        .transport_socket
+        .as_ref()
+        .and_then(|ts| crate::tls::upstream(ts, &f("transport_socket"), &mut p));
     if c.outlier_detection.is_some() {
         p.add(
             f("outlier_detection"),
@@ -155,7 +156,7 @@ pub fn cluster(c: &Cluster, at: &str) -> Result<model::Cluster, Vec<Unsupported>
         healthy_panic_threshold,
         overprovisioning_factor,
         locality_lb: true,
-        tls: None,
+        tls,
         endpoints,
     })
 }

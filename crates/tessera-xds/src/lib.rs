@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod listener;
 pub mod load;
 pub mod route;
+mod tls;
 
 /// One thing a resource asks for that Tessera cannot honour, or that is malformed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -156,12 +156,10 @@ fn chain(c: &FilterChain, index: usize, listener: &str, at: &str, p: &mut Proble
             p.add(f("source_type"), "matching on the source type is not supported");
         }
     }
-    if c.transport_socket.is_some() {
-        p.add(
-            format!("{at}.transport_socket"),
-            "TLS termination from xDS is not supported yet",
-        );
-    }
+    let tls = c
+        .transport_socket
+        .as_ref()
+        .and_then(|ts| crate::tls::downstream(ts, &format!("{at}.transport_socket"), p));
     let name = if c.name.is_empty() {
         format!("chain{index}")
     } else {
@@ -218,7 +216,7 @@ fn chain(c: &FilterChain, index: usize, listener: &str, at: &str, p: &mut Proble
     Some(model::FilterChain {
         name,
         filter_chain_match: m,
-        tls: None,
+        tls,
         filter,
     })
 }

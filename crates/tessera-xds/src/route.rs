@@ -350,7 +350,7 @@ fn redirect(
     }
 }
 
-fn string_match(m: &StringMatcher, at: &str, p: &mut Problems) -> Option<(model::StringMatch, bool)> {
+pub(crate) fn string_match(m: &StringMatcher, at: &str, p: &mut Problems) -> Option<(model::StringMatch, bool)> {
     let sm = match &m.match_pattern {
         Some(string_matcher::MatchPattern::Exact(s)) => model::StringMatch::Exact(s.clone()),
         Some(string_matcher::MatchPattern::Prefix(s)) => model::StringMatch::Prefix(s.clone()),

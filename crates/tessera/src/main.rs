@@ -176,12 +176,24 @@ fn check(files: &[PathBuf], envoy: &[PathBuf]) -> ExitCode {
     let mut bad = false;
     for f in envoy {
         match Source::Envoy(f.clone()).parse_file() {
-            Ok(cfg) => println!(
-                "{}: OK as an Envoy bootstrap ({} listeners, {} clusters)",
-                f.display(),
-                cfg.listeners.len(),
-                cfg.clusters.len()
-            ),
+            Ok(cfg) => {
+                // Certificates and keys it names must load too, as Envoy requires.
+                let tls_errors = tessera_proxy::check_tls(&cfg);
+                if tls_errors.is_empty() {
+                    println!(
+                        "{}: OK as an Envoy bootstrap ({} listeners, {} clusters)",
+                        f.display(),
+                        cfg.listeners.len(),
+                        cfg.clusters.len()
+                    );
+                } else {
+                    bad = true;
+                    println!("{}: {} certificate problem(s):", f.display(), tls_errors.len());
+                    for e in tls_errors {
+                        println!("  {e}");
+                    }
+                }
+            }
             Err(e) => {
                 bad = true;
                 println!("{e}");
