@@ -8,6 +8,7 @@
 //! STRICT_DNS with inline endpoints). docs/xds.md lists what converts and what is refused; the
 //! ADS client, TLS, secrets and most HTTP filters are not built yet.
 
+mod access_log;
 pub mod bootstrap;
 pub mod cluster;
 pub mod listener;

@@ -240,7 +240,7 @@ fn tcp(t: &TcpProxy, at: &str, p: &mut Problems) -> Option<model::TcpProxy> {
             .as_ref()
             .and_then(duration)
             .unwrap_or(Duration::from_secs(3600)),
-        access_log: Vec::new(),
+        access_log: crate::access_log::access_logs(&t.access_log, &format!("{at}.access_log"), p),
     })
 }
 
@@ -311,12 +311,7 @@ fn hcm(h: &HttpConnectionManager, _listener: &str, at: &str, p: &mut Problems) -
             model::CodecType::Auto
         }
     };
-    if !h.access_log.is_empty() {
-        p.add(
-            format!("{at}.access_log"),
-            "access logs from xDS are not supported yet; use `telemetry.access_log`",
-        );
-    }
+    let access_log = crate::access_log::access_logs(&h.access_log, &format!("{at}.access_log"), p);
     Some(model::HttpConnectionManager {
         forward_client_cert_details: model::ForwardClientCert::Sanitize,
         set_current_client_cert_details: model::ClientCertDetails::default(),
@@ -349,7 +344,7 @@ fn hcm(h: &HttpConnectionManager, _listener: &str, at: &str, p: &mut Problems) -
         // Envoy's default, unlike Tessera's YAML.
         use_remote_address: h.use_remote_address.as_ref().is_some_and(|b| b.value),
         route_config,
-        access_log: Vec::new(),
+        access_log,
         local_rate_limit: None,
         policy: model::Policy::default(),
     })

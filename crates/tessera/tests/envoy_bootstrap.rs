@@ -142,6 +142,15 @@ fn the_example_runs_and_answers_as_envoy_does() {
         ours[2]
     );
     assert_eq!(ours[3], "short and stout|418|");
+    // The stdout access logger with a JSON format, one object per request.
+    p.wait_log(r#""path":"/teapot""#, Duration::from_secs(5));
+    let line = p
+        .log()
+        .lines()
+        .find(|l| l.contains(r#""path":"/hello""#))
+        .map(str::to_string);
+    let v: serde_json::Value = serde_json::from_str(line.as_deref().unwrap_or("{}")).unwrap();
+    assert_eq!(v["code"], 200, "{v}");
 
     let Some(envoy) = envoy() else {
         // `.ci/run` installs Envoy (scripts/test); a developer machine may not have it yet.
