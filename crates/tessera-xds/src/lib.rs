@@ -11,6 +11,7 @@
 mod access_log;
 pub mod bootstrap;
 pub mod cluster;
+mod http_filters;
 pub mod listener;
 pub mod load;
 pub mod route;

@@ -245,7 +245,7 @@ fn tcp(t: &TcpProxy, at: &str, p: &mut Problems) -> Option<model::TcpProxy> {
 }
 
 fn hcm(h: &HttpConnectionManager, _listener: &str, at: &str, p: &mut Problems) -> Option<model::HttpConnectionManager> {
-    let route_config = match &h.route_specifier {
+    let mut route_config = match &h.route_specifier {
         Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
             crate::route::route_config(rc, &format!("{at}.route_config"), p)
         }
@@ -268,6 +268,8 @@ fn hcm(h: &HttpConnectionManager, _listener: &str, at: &str, p: &mut Problems) -
             return None;
         }
     };
+    let mut local_rate_limit = None;
+    let mut seen_fault = false;
     let n = h.http_filters.len();
     for (i, f) in h.http_filters.iter().enumerate() {
         let here = format!("{at}.http_filters[{i}]");
@@ -282,7 +284,41 @@ fn hcm(h: &HttpConnectionManager, _listener: &str, at: &str, p: &mut Problems) -
             }
             continue;
         }
-        if NO_OP_HTTP_FILTERS.contains(&f.name.as_str()) || f.is_optional || f.disabled {
+        if f.disabled {
+            continue;
+        }
+        if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type {
+            let tat = format!("{here}.typed_config");
+            match type_url.as_str() {
+                crate::http_filters::FAULT => {
+                    seen_fault = true;
+                    if let Some(fault) = crate::http_filters::fault(any, &tat, p) {
+                        for r in route_config
+                            .virtual_hosts
+                            .iter_mut()
+                            .flat_map(|vh| vh.routes.iter_mut())
+                        {
+                            if r.fault.is_none() {
+                                r.fault = Some(fault.clone());
+                            }
+                        }
+                    }
+                    continue;
+                }
+                crate::http_filters::LOCAL_RATELIMIT => {
+                    if seen_fault {
+                        p.add(
+                            &here,
+                            "Tessera applies the listener-wide rate limit before route faults; list local_ratelimit before fault",
+                        );
+                    }
+                    local_rate_limit = crate::http_filters::local_ratelimit(any, &tat, p);
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        if NO_OP_HTTP_FILTERS.contains(&f.name.as_str()) || f.is_optional {
             continue;
         }
         p.add(
@@ -345,7 +381,7 @@ fn hcm(h: &HttpConnectionManager, _listener: &str, at: &str, p: &mut Problems) -
         use_remote_address: h.use_remote_address.as_ref().is_some_and(|b| b.value),
         route_config,
         access_log,
-        local_rate_limit: None,
+        local_rate_limit,
         policy: model::Policy::default(),
     })
 }

@@ -170,13 +170,14 @@ fn route(r: &envoy_types::pb::envoy::config::route::v3::Route, at: &str, p: &mut
             return None;
         }
     };
-    if !r.typed_per_filter_config.is_empty() {
-        // Istio attaches per-route filter configs; with no per-route filters yet, say so.
-        let names: Vec<&String> = r.typed_per_filter_config.keys().collect();
-        p.add(
-            format!("{at}.typed_per_filter_config"),
-            format!("per-route filter configs are not supported yet ({names:?})"),
-        );
+    let mut local_rate_limit = None;
+    for (name, any) in &r.typed_per_filter_config {
+        let here = format!("{at}.typed_per_filter_config[\"{name}\"]");
+        if crate::listener::type_name(any) == crate::http_filters::LOCAL_RATELIMIT {
+            local_rate_limit = crate::http_filters::local_ratelimit(any, &here, p);
+        } else {
+            p.add(here, format!("per-route config of `{name}` is not supported yet"));
+        }
     }
     Some(model::Route {
         name: (!r.name.is_empty()).then(|| r.name.clone()),
@@ -197,7 +198,7 @@ fn route(r: &envoy_types::pb::envoy::config::route::v3::Route, at: &str, p: &mut
         ),
         response_headers_to_remove: r.response_headers_to_remove.clone(),
         fault: None,
-        local_rate_limit: None,
+        local_rate_limit,
     })
 }
 
