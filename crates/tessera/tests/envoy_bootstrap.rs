@@ -95,6 +95,37 @@ fn envoy() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// Envoy 1.40 on `config`, once it accepts connections on `listen`; `None` (and a note) when it
+/// is not installed.
+fn start_envoy(config: &std::path::Path, listen: u16) -> Option<Proc> {
+    let Some(envoy) = envoy() else {
+        // `.ci/run` installs Envoy (scripts/test); a developer machine may not have it yet.
+        eprintln!("SKIPPED the Envoy half: no bench/.venv Envoy (run scripts/test or bench/run once)");
+        return None;
+    };
+    let e = Proc::spawn(
+        Command::new(envoy)
+            .args([
+                "-c",
+                config.to_str().unwrap(),
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "error",
+            ])
+            .args(["--base-id", &(u32::from(listen) % 60_000 + 1000).to_string()]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", listen)).is_err() {
+        assert!(Instant::now() < deadline, "Envoy did not start:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Clusters initialise just after the listener binds.
+    std::thread::sleep(Duration::from_millis(300));
+    Some(e)
+}
+
 /// What a proxy answers: status, location and body, for each request.
 fn answers(listen: SocketAddr) -> Vec<String> {
     let base = format!("http://{listen}");
@@ -152,36 +183,10 @@ fn the_example_runs_and_answers_as_envoy_does() {
     let v: serde_json::Value = serde_json::from_str(line.as_deref().unwrap_or("{}")).unwrap();
     assert_eq!(v["code"], 200, "{v}");
 
-    let Some(envoy) = envoy() else {
-        // `.ci/run` installs Envoy (scripts/test); a developer machine may not have it yet.
-        eprintln!("SKIPPED the Envoy half: no bench/.venv Envoy (run scripts/test or bench/run once)");
-        return;
-    };
     let (elisten, eadmin) = (free_port(), free_port());
     let ef = dir.write("envoy.yaml", &config_with(sample, elisten, eadmin));
-    let e = Proc::spawn(
-        Command::new(envoy)
-            .args([
-                "-c",
-                ef.to_str().unwrap(),
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "error",
-            ])
-            .args(["--base-id", &(std::process::id() % 50_000 + 1000).to_string()]),
-    );
     let eaddr: SocketAddr = format!("127.0.0.1:{elisten}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while curl(&["-s", "-o", "/dev/null", &format!("http://{eaddr}/healthz")])
-        .status
-        .code()
-        != Some(0)
-    {
-        assert!(Instant::now() < deadline, "Envoy did not start:\n{}", e.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let Some(_e) = start_envoy(&ef, elisten) else { return };
     let theirs = answers(eaddr);
     let normalize =
         |v: &[String], a: SocketAddr| -> Vec<String> { v.iter().map(|s| s.replace(&a.to_string(), "ADDR")).collect() };
@@ -251,30 +256,9 @@ fn tls_termination_from_an_envoy_bootstrap() {
         p.log()
     );
 
-    let Some(envoy) = envoy() else {
-        eprintln!("SKIPPED the Envoy half: no bench/.venv Envoy (run scripts/test or bench/run once)");
-        return;
-    };
     let (elisten, eadmin) = (free_port(), free_port());
     let ef = dir.write("envoy.yaml", &config(elisten, eadmin));
-    let e = Proc::spawn(
-        Command::new(envoy)
-            .args([
-                "-c",
-                ef.to_str().unwrap(),
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "error",
-            ])
-            .args(["--base-id", &(std::process::id() % 50_000 + 2000).to_string()]),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", elisten)).is_err() {
-        assert!(Instant::now() < deadline, "Envoy did not start:\n{}", e.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let Some(_e) = start_envoy(&ef, elisten) else { return };
     assert_eq!(get(elisten), ours, "Tessera vs Envoy");
 }
 
@@ -319,31 +303,9 @@ fn fault_and_local_rate_limit_filters_match_envoy() {
     assert_eq!(ours[0], "fault filter abort|503", "{ours:?}\n{}", p.log());
     // The rate limit comes first, so the aborted request took a token: two pass, then 429.
     assert_eq!(&ours[1..], ["200", "200", "429", "429"], "{ours:?}");
-    let Some(envoy) = envoy() else {
-        eprintln!("SKIPPED the Envoy half: no bench/.venv Envoy (run scripts/test or bench/run once)");
-        return;
-    };
     let (elisten, eadmin) = (free_port(), free_port());
     let ef = dir.write("e.yaml", &config(elisten, eadmin));
-    let e = Proc::spawn(
-        Command::new(envoy)
-            .args([
-                "-c",
-                ef.to_str().unwrap(),
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "error",
-            ])
-            .args(["--base-id", &(std::process::id() % 50_000 + 3000).to_string()]),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", elisten)).is_err() {
-        assert!(Instant::now() < deadline, "Envoy did not start:\n{}", e.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let Some(_e) = start_envoy(&ef, elisten) else { return };
     let theirs = run(elisten);
     assert_eq!(ours, theirs, "Tessera vs Envoy");
 }
