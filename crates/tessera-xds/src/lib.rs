@@ -14,6 +14,7 @@ pub mod cluster;
 mod http_filters;
 pub mod listener;
 pub mod load;
+mod rbac;
 pub mod route;
 mod tls;
 

@@ -270,6 +270,7 @@ fn hcm(h: &HttpConnectionManager, _listener: &str, at: &str, p: &mut Problems) -
     };
     let mut local_rate_limit = None;
     let mut seen_fault = false;
+    let mut checks = Vec::new();
     let n = h.http_filters.len();
     for (i, f) in h.http_filters.iter().enumerate() {
         let here = format!("{at}.http_filters[{i}]");
@@ -303,6 +304,16 @@ fn hcm(h: &HttpConnectionManager, _listener: &str, at: &str, p: &mut Problems) -
                             }
                         }
                     }
+                    continue;
+                }
+                crate::rbac::RBAC => {
+                    // Check names name the stats: keep them unique when a filter name repeats.
+                    let name = if checks.iter().any(|c: &model::Check| c.name() == f.name) {
+                        format!("{}-{i}", f.name)
+                    } else {
+                        f.name.clone()
+                    };
+                    checks.extend(crate::rbac::rbac(any, &name, &tat, p));
                     continue;
                 }
                 crate::http_filters::LOCAL_RATELIMIT => {
@@ -382,7 +393,10 @@ fn hcm(h: &HttpConnectionManager, _listener: &str, at: &str, p: &mut Problems) -
         route_config,
         access_log,
         local_rate_limit,
-        policy: model::Policy::default(),
+        policy: model::Policy {
+            checks,
+            quotas: Vec::new(),
+        },
     })
 }
 

@@ -309,3 +309,81 @@ fn fault_and_local_rate_limit_filters_match_envoy() {
     let theirs = run(elisten);
     assert_eq!(ours, theirs, "Tessera vs Envoy");
 }
+
+/// Envoy's RBAC HTTP filter, as Istio's AuthorizationPolicy compiles to it: an ALLOW policy on
+/// the path and a DENY policy on a header, with shadow rules; the same answers as Envoy's.
+#[test]
+fn rbac_filter_matches_envoy() {
+    let (_svc, sample) = sample_service("rbacboot");
+    let dir = TempDir::new("rbacboot");
+    let config = |listen: u16, admin: u16| {
+        config_with(sample, listen, admin).replace(
+            "          http_filters:\n",
+            r#"          http_filters:
+          - name: deny-header
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: DENY
+                policies:
+                  blocked:
+                    permissions: [{ any: true }]
+                    principals: [{ header: { name: x-user, string_match: { exact: blocked } } }]
+          - name: allow-paths
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: ALLOW
+                policies:
+                  readers:
+                    permissions:
+                    - and_rules:
+                        rules:
+                        - header: { name: ":method", string_match: { exact: GET } }
+                        - or_rules: { rules: [{ url_path: { path: { prefix: /hello } } }, { url_path: { path: { exact: /healthz } } }] }
+                    principals: [{ remote_ip: { address_prefix: 127.0.0.0, prefix_len: 8 } }]
+              shadow_rules:
+                action: DENY
+                policies:
+                  audit: { permissions: [{ any: true }], principals: [{ any: true }] }
+"#,
+        )
+    };
+    let run = |listen: u16| -> Vec<String> {
+        let base = format!("http://127.0.0.1:{listen}");
+        [
+            vec![format!("{base}/hello")],
+            vec![format!("{base}/healthz")],
+            vec![format!("{base}/other")],
+            vec!["-X".into(), "POST".into(), format!("{base}/hello")],
+            vec!["-H".into(), "x-user: blocked".into(), format!("{base}/hello")],
+        ]
+        .iter()
+        .map(|a| {
+            let mut args: Vec<&str> = vec!["-s", "-w", "|%{http_code}"];
+            args.extend(a.iter().map(String::as_str));
+            curl_ok(&args)
+        })
+        .collect()
+    };
+    let (listen, admin) = (free_port(), free_port());
+    let f = dir.write("t.yaml", &config(listen, admin));
+    let p = Proc::tessera(&["sidecar", "--envoy-bootstrap", f.to_str().unwrap()]);
+    wait_port(format!("127.0.0.1:{listen}").parse().unwrap(), Duration::from_secs(20));
+    let ours = run(listen);
+    assert_eq!(ours[0], "hello from rbacboot (/hello)\n|200", "{ours:?}\n{}", p.log());
+    assert_eq!(
+        &ours[2..],
+        [
+            "RBAC: access denied|403",
+            "RBAC: access denied|403",
+            "RBAC: access denied|403"
+        ]
+    );
+    let stats = curl_ok(&[&format!("http://127.0.0.1:{admin}/stats?filter=shadow")]);
+    assert!(stats.contains("allow-paths-shadow.shadow_denied:"), "{stats}");
+    let (elisten, eadmin) = (free_port(), free_port());
+    let ef = dir.write("e.yaml", &config(elisten, eadmin));
+    let Some(_e) = start_envoy(&ef, elisten) else { return };
+    assert_eq!(ours, run(elisten), "Tessera vs Envoy");
+}

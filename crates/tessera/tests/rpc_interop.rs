@@ -145,8 +145,10 @@ clusters:
 }
 
 /// A closed port: something bound it and let go.
+/// An address that refuses connections: the discard port on a loopback address no test binds.
+/// (A port that was merely free once can be taken by a parallel test's server, which then answers.)
 fn dead_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
+    SocketAddr::from(([127, 0, 0, 254], 9))
 }
 
 /// A server that accepts connections, reads, and never answers: the stand-in for a hung
