@@ -24,34 +24,9 @@ fn http_sidecar_with(
         std::fs::write(dir.path(name), text).unwrap();
     }
     let policy = policy.replace("DIR/", &format!("{}/", dir.path("").display()));
-    let yaml = format!(
-        r#"admin: {{ address: "127.0.0.1:0" }}
-listeners:
-- name: http
-  address: 127.0.0.1:0
-  filter_chains:
-  - http:
-      stat_prefix: ingress
-      policy:
-{policy}
-      route_config:
-        virtual_hosts:
-        - name: all
-          domains: ["*"]
-          routes:
-          - match: {{ prefix: / }}
-            route: {{ cluster: app }}
-clusters:
-- {{ name: app, protocol: downstream, endpoints: ["{upstream}"] }}
-"#
-    );
-    let f = dir.write(
-        "p.yaml",
-        &yaml.replace("LISTFILE", &dir.path("teams.txt").display().to_string()),
-    );
+    let chain = format!("      policy:\n{policy}").replace("LISTFILE", &dir.path("teams.txt").display().to_string());
     std::fs::write(dir.path("teams.txt"), "# teams allowed\nred\n").unwrap();
-    let (p, listen, admin) = start_sidecar(&f, &[]);
-    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
+    let (p, listen, admin) = start_ready(&dir, &ingress_yaml("", &chain, "", upstream));
     (p, listen, admin, dir)
 }
 
@@ -188,7 +163,7 @@ fn unchanged_policies_keep_their_quota_across_reloads() {
     };
     reload(1);
     assert_eq!(status(&url, &ann), "429", "the same policy keeps its windows");
-    let f = dir.path("p.yaml");
+    let f = dir.path("sidecar.yaml");
     let yaml = std::fs::read_to_string(&f).unwrap().replace("max: 5", "max: 6");
     std::fs::write(&f, yaml).unwrap();
     reload(2);

@@ -61,36 +61,17 @@ struct Side {
 fn sidecar(redis: &str, max: u32, window: &str, algorithm: &str, tag: &str) -> Side {
     let (svc, svc_addr) = sample_service(tag);
     let dir = TempDir::new(tag);
-    let yaml = format!(
-        r#"admin: {{ address: "127.0.0.1:0" }}
-listeners:
-- name: http
-  address: 127.0.0.1:0
-  filter_chains:
-  - http:
-      stat_prefix: ingress
-      policy:
+    let policy = format!(
+        "      policy:
         quotas:
         - name: per-user
           max: {max}
           window: {window}
           algorithm: {algorithm}
-          dimensions: ["request.headers[x-user]"]
-          redis: {redis}
-      route_config:
-        virtual_hosts:
-        - name: all
-          domains: ["*"]
-          routes:
-          - match: {{ prefix: / }}
-            route: {{ cluster: app }}
-clusters:
-- {{ name: app, endpoints: ["{svc_addr}"] }}
-"#
+          dimensions: [\"request.headers[x-user]\"]
+          redis: {redis}"
     );
-    let f = dir.write("sidecar.yaml", &yaml);
-    let (p, listen, admin) = start_sidecar(&f, &[]);
-    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
+    let (p, listen, admin) = start_ready(&dir, &ingress_yaml("", &policy, "", svc_addr));
     Side {
         p,
         listen,

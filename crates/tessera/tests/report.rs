@@ -12,32 +12,12 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn sidecar(telemetry: &str, upstream: SocketAddr, dir: &TempDir) -> (Proc, SocketAddr, SocketAddr) {
-    let yaml = format!(
-        r#"admin: {{ address: "127.0.0.1:0" }}
-telemetry:
-{telemetry}
-listeners:
-- name: http
-  address: 127.0.0.1:0
-  filter_chains:
-  - http:
-      stat_prefix: ingress
-      route_config:
-        virtual_hosts:
-        - name: all
-          domains: ["*"]
-          routes:
-          - match: {{ prefix: /missing }}
-            direct_response: {{ status: 404, body: "nothing here" }}
-          - match: {{ prefix: / }}
-            route: {{ cluster: app }}
-clusters:
-- {{ name: app, endpoints: ["{upstream}"] }}
-"#
+    let routes =
+        "          - match: { prefix: /missing }\n            direct_response: { status: 404, body: \"nothing here\" }";
+    let (p, listen, admin) = start_ready(
+        dir,
+        &ingress_yaml(&format!("telemetry:\n{telemetry}"), "", routes, upstream),
     );
-    let f = dir.write("sidecar.yaml", &yaml);
-    let (p, listen, admin) = start_sidecar(&f, &[]);
-    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
     (p, listen, admin)
 }
 

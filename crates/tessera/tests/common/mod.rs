@@ -276,6 +276,44 @@ clusters:
     )
 }
 
+/// One HTTP listener `http` (stat prefix `ingress`, ephemeral port) routing everything to cluster
+/// `app` at `upstream`, admin on an ephemeral port. `top` is top-level YAML (`telemetry: ...`),
+/// `chain` connection-manager fields indented by 6 (`      policy: ...`), `routes` routes before
+/// the catch-all indented by 10; each empty or ending without a newline.
+pub fn ingress_yaml(top: &str, chain: &str, routes: &str, upstream: SocketAddr) -> String {
+    let line = |s: &str| if s.is_empty() { String::new() } else { format!("{s}\n") };
+    format!(
+        r#"admin: {{ address: "127.0.0.1:0" }}
+{top}listeners:
+- name: http
+  address: 127.0.0.1:0
+  filter_chains:
+  - http:
+      stat_prefix: ingress
+{chain}      route_config:
+        virtual_hosts:
+        - name: all
+          domains: ["*"]
+          routes:
+{routes}          - match: {{ prefix: / }}
+            route: {{ cluster: app }}
+clusters:
+- {{ name: app, protocol: downstream, endpoints: ["{upstream}"] }}
+"#,
+        top = line(top),
+        chain = line(chain),
+        routes = line(routes),
+    )
+}
+
+/// Writes `yaml` into `dir` and starts a sidecar on it, returned once `/ready` answers 200.
+pub fn start_ready(dir: &TempDir, yaml: &str) -> (Proc, SocketAddr, SocketAddr) {
+    let f = dir.write("sidecar.yaml", yaml);
+    let (p, listen, admin) = start_sidecar(&f, &[]);
+    wait_status(&format!("http://{admin}/ready"), "200", Duration::from_secs(10));
+    (p, listen, admin)
+}
+
 /// Certificates made with the `openssl` command-line tool (a peer we did not write): an ECDSA
 /// P-256 CA and leaves signed by it, as PEM files in a directory.
 pub struct Pki {
