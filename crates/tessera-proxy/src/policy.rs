@@ -139,6 +139,8 @@ impl QuotaRt {
 pub(crate) struct PolicyRt {
     checks: Vec<CheckRt>,
     quotas: Vec<QuotaRt>,
+    /// A check or quota does I/O (ext_authz, Redis).
+    is_async: bool,
 }
 
 fn kind(k: model::ListKind) -> ListKind {
@@ -269,7 +271,13 @@ impl PolicyRt {
                 exceeded: stats.counter(&s, "exceeded"),
             });
         }
-        let rt = Arc::new(PolicyRt { checks, quotas });
+        let is_async = checks.iter().any(|c| matches!(c.kind, CheckKind::ExtAuthz(_)))
+            || quotas.iter().any(|q| matches!(q.kind, QuotaKind::Redis(_)));
+        let rt = Arc::new(PolicyRt {
+            checks,
+            quotas,
+            is_async,
+        });
         if rt.checks.iter().any(CheckRt::watches_files) {
             spawn_file_watch(Arc::downgrade(&rt));
         }
@@ -286,11 +294,9 @@ impl PolicyRt {
                     reason: "a remote check cannot be asked here".into(),
                 };
             }
-            if let Some(denial) = c.evaluate(attrs) {
-                c.denied.inc();
-                return Outcome::Deny(denial);
+            if let Some(o) = c.decide(attrs) {
+                return o;
             }
-            c.allowed.inc();
         }
         let now = tokio::time::Instant::now().into_std();
         for q in &self.quotas {
@@ -313,29 +319,24 @@ impl PolicyRt {
 
     /// True when a check or quota does I/O: then callers use [`PolicyRt::evaluate_async`].
     pub(crate) fn is_async(&self) -> bool {
-        self.checks.iter().any(|c| matches!(c.kind, CheckKind::ExtAuthz(_)))
-            || self.quotas.iter().any(|q| matches!(q.kind, QuotaKind::Redis(_)))
+        self.is_async
     }
 
     /// [`PolicyRt::evaluate`], with remote checks (ext_authz) and Redis quotas asked in order;
     /// each remote call is bounded by its own timeout.
     pub(crate) async fn evaluate_async(&self, attrs: &(dyn Attributes + Sync)) -> Outcome {
         for c in &self.checks {
-            let denial = match &c.kind {
-                CheckKind::ExtAuthz(e) => match e.check(attrs).await {
-                    Ok(()) => None,
+            if let CheckKind::ExtAuthz(e) = &c.kind {
+                match e.check(attrs).await {
+                    Ok(()) => c.allowed.inc(),
                     Err(d) => {
                         c.denied.inc();
                         return Outcome::Remote(d);
                     }
-                },
-                _ => c.evaluate(attrs),
-            };
-            if let Some(denial) = denial {
-                c.denied.inc();
-                return Outcome::Deny(denial);
+                }
+            } else if let Some(o) = c.decide(attrs) {
+                return o;
             }
-            c.allowed.inc();
         }
         let now = tokio::time::Instant::now().into_std();
         for q in &self.quotas {
@@ -395,6 +396,20 @@ impl PolicyRt {
 }
 
 impl CheckRt {
+    /// A check that needs no I/O, counted: `None` lets the request through.
+    fn decide(&self, attrs: &dyn Attributes) -> Option<Outcome> {
+        match self.evaluate(attrs) {
+            Some(denial) => {
+                self.denied.inc();
+                Some(Outcome::Deny(denial))
+            }
+            None => {
+                self.allowed.inc();
+                None
+            }
+        }
+    }
+
     fn watches_files(&self) -> bool {
         matches!(
             self.kind,

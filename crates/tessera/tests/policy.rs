@@ -355,3 +355,44 @@ fn ext_authz_to_the_check_server() {
     let stats = curl_ok(&[&format!("http://{admin}/stats?filter=mixer")]);
     assert!(stats.contains("policy.ingress.mixer.error: 1"), "{stats}\n{}", p.log());
 }
+
+/// The check server answers a malformed CheckRequest with gRPC INVALID_ARGUMENT, and an unknown
+/// method with UNIMPLEMENTED, and keeps serving (curl speaks h2c to it).
+#[test]
+fn the_check_server_refuses_malformed_requests() {
+    let dir = TempDir::new("checkbad");
+    let policy = dir.write(
+        "p.yaml",
+        "policy:\n  checks:\n  - list: { name: l, attribute: \"request.headers[x-user]\", entries: [blocked], blacklist: true }\n",
+    );
+    let server = Proc::tessera(&[
+        "check-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    let addr = server.logged_addr("check server ready", Duration::from_secs(20));
+    let garbage = dir.write("garbage.bin", "\u{0}\u{0}\u{0}\u{0}\u{3}\u{ff}\u{ff}\u{ff}");
+    let call = |path: &str| {
+        curl_ok(&[
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--http2-prior-knowledge",
+            "-H",
+            "content-type: application/grpc",
+            "--data-binary",
+            &format!("@{}", garbage.display()),
+            &format!("http://{addr}{path}"),
+        ])
+        .to_ascii_lowercase()
+    };
+    let out = call("/envoy.service.auth.v3.Authorization/Check");
+    assert!(out.contains("grpc-status: 3"), "{out}");
+    let out = call("/some.Other/Method");
+    assert!(out.contains("grpc-status: 12"), "{out}");
+    assert!(out.starts_with("http/2 200"), "still serving: {out}");
+}

@@ -902,3 +902,30 @@ fn redis_quotas_load_for_http_and_are_refused_on_rpc_chains() {
         "{e}"
     );
 }
+
+#[test]
+fn telemetry_loads_and_its_errors_name_the_field() {
+    let ok = format!(
+        "{POLICY}telemetry:\n  reporter: source\n  workload: {{ name: web-v1, namespace: shop }}\n  statsd: {{ address: \"127.0.0.1:8125\", dogstatsd: false }}\n  access_log: {{ path: /tmp/a.json, max_bytes: 4096, max_files: 2 }}\n  tracing: {{ otlp: \"127.0.0.1:4318\", sampling: 12.5 }}\n"
+    );
+    let t = load(&ok).unwrap().telemetry.expect("a telemetry block");
+    assert_eq!(t.reporter, crate::telemetry::ReporterSide::Source);
+    assert_eq!(t.workload.name.as_deref(), Some("web-v1"));
+    assert!(!t.statsd.as_ref().unwrap().dogstatsd);
+    let tr = t.tracing.as_ref().unwrap();
+    assert_eq!((tr.sampling, tr.service_name.as_str()), (12.5, "web-v1"));
+    let bad = format!(
+        "{POLICY}telemetry:\n  reporter: sideways\n  flush_interval: 0s\n  access_log: {{ max_bytes: 4096 }}\n  tracing: {{ otlp: \"127.0.0.1:4318\", sampling: 150, path: v1/traces }}\n  statsd: {{ prefix: x }}\n"
+    );
+    let e = errors(&bad).join("\n");
+    for want in [
+        "telemetry.reporter: unknown value `sideways`",
+        "telemetry.flush_interval: must be longer than zero",
+        "telemetry.access_log.max_bytes: rotation needs a `path`",
+        "telemetry.tracing.sampling",
+        "telemetry.tracing.path: the path starts with `/`",
+        "telemetry.statsd.address",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+}
