@@ -575,6 +575,8 @@ pub enum DiscoveryType {
     Static,
     /// Host names resolved periodically; every address returned is an endpoint.
     StrictDns,
+    /// IP endpoints pushed by a control plane (xDS EDS); `endpoints` holds the latest push.
+    Eds,
 }
 
 /// Upstream HTTP protocol.
@@ -634,6 +636,16 @@ pub struct Cluster {
     pub tls: Option<UpstreamTls>,
     /// Endpoints.
     pub endpoints: Vec<Endpoint>,
+}
+
+impl Cluster {
+    /// True when `other` differs from this cluster in its endpoints alone (an EDS push).
+    pub fn same_but_endpoints(&self, other: &Cluster) -> bool {
+        // Everything else compared through a copy carrying our endpoints.
+        let mut probe = other.clone();
+        probe.endpoints.clone_from(&self.endpoints);
+        probe == *self
+    }
 }
 
 /// One endpoint: `host:port` (an IP for static clusters), a weight, and where it runs.

@@ -171,11 +171,17 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/stats/prometheus" => reply(StatusCode::OK, "text/plain; version=0.0.4", prometheus(shared)),
         "/config_dump" => {
             let cfg = shared.config.load();
-            json_reply(&json!({
+            let mut dump = json!({
                 "version_info": shared.config_version.load(Ordering::Relaxed).to_string(),
                 "last_updated": rfc3339(**shared.config_loaded_at.load()),
                 "config": serde_json::to_value(&**cfg).unwrap_or_default(),
-            }))
+            });
+            // Under a control plane: every xDS resource with its version and update time, in
+            // Envoy's shape (`configs: [ListenersConfigDump, ClustersConfigDump, ...]`).
+            if let Some(xds) = shared.xds_dump.load_full() {
+                dump["configs"] = xds();
+            }
+            json_reply(&dump)
         }
         "/clusters" => clusters(shared, query_param(query, "format") == Some("json")),
         "/certs" => json_reply(&certs(shared)),

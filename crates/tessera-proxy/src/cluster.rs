@@ -6,7 +6,7 @@
 //! picker call: no lock, no allocation. A worker that ejects a host sets an atomic flag, which the
 //! next pick already honours, and asks the control thread for a new snapshot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -467,14 +467,11 @@ impl ClusterRt {
                 default_subset: None,
             }));
         }
-        if rt.cfg.discovery == model::DiscoveryType::Static {
-            let resolved = rt
-                .cfg
-                .endpoints
-                .iter()
-                .filter_map(|e| Some((SocketAddr::new(e.host.parse().ok()?, e.port), e.clone(), None)))
-                .collect();
-            rt.set_hosts(resolved);
+        if matches!(
+            rt.cfg.discovery,
+            model::DiscoveryType::Static | model::DiscoveryType::Eds
+        ) {
+            rt.set_endpoints(&rt.cfg.endpoints);
         } else {
             rt.rebuild();
         }
@@ -573,6 +570,15 @@ impl ClusterRt {
         picked
     }
 
+    /// Replaces the members with IP endpoints (static and EDS clusters); names are skipped.
+    pub(crate) fn set_endpoints(&self, endpoints: &[model::Endpoint]) {
+        let resolved = endpoints
+            .iter()
+            .filter_map(|e| Some((SocketAddr::new(e.host.parse().ok()?, e.port), e.clone(), None)))
+            .collect();
+        self.set_hosts(resolved);
+    }
+
     /// Replaces the members, keeping `Host` objects whose endpoint is unchanged.
     pub(crate) fn set_hosts(&self, resolved: Vec<(SocketAddr, model::Endpoint, Option<String>)>) {
         let old = self.snapshot.load_full();
@@ -580,13 +586,18 @@ impl ClusterRt {
         let initial_hc = if checks == 0 { 0 } else { FAILED_ACTIVE_HC };
         let initial_mask = if checks == 0 { 0 } else { u32::MAX >> (32 - checks) };
         let warm = if old.hosts.is_empty() { 0 } else { now_ms() };
+        // By address, so a large EDS push is linear rather than quadratic.
+        let mut by_addr: HashMap<SocketAddr, Vec<&Arc<Host>>> = HashMap::with_capacity(old.hosts.len());
+        for h in &old.hosts {
+            by_addr.entry(h.addr).or_default().push(h);
+        }
         let hosts: Vec<Arc<Host>> = resolved
             .into_iter()
             .map(|(addr, ep, name)| {
-                old.hosts
-                    .iter()
-                    .find(|h| h.same_endpoint(addr, &ep))
-                    .cloned()
+                by_addr
+                    .get(&addr)
+                    .and_then(|hs| hs.iter().find(|h| h.same_endpoint(addr, &ep)))
+                    .map(|h| Arc::clone(h))
                     .unwrap_or_else(|| {
                         let h = Host::new(addr, &ep, name.as_deref());
                         // With health checks, a new host waits for its first passing check (as Envoy).
@@ -600,7 +611,8 @@ impl ClusterRt {
             .collect();
         let same = hosts.len() == old.hosts.len() && hosts.iter().zip(old.hosts.iter()).all(|(a, b)| Arc::ptr_eq(a, b));
         if !same {
-            let gone = old.hosts.iter().filter(|h| !hosts.iter().any(|n| Arc::ptr_eq(n, h)));
+            let kept: std::collections::HashSet<*const Host> = hosts.iter().map(Arc::as_ptr).collect();
+            let gone = old.hosts.iter().filter(|h| !kept.contains(&Arc::as_ptr(h)));
             for h in gone {
                 if h.outlier.ejected_at_ms.swap(0, Ordering::Relaxed) != 0 {
                     self.ejected.fetch_sub(1, Ordering::Relaxed);

@@ -34,7 +34,7 @@ mod worker;
 
 pub use body::RespBody;
 pub use flags::ResponseFlags;
-pub use server::{Options, Server, ServerState, StartError};
+pub use server::{ConfigDumpProvider, Options, Server, ServerState, StartError};
 pub use tls::SecretError;
 
 /// Loads every certificate, key and trust bundle `cfg` names, as the proxy would at start, and

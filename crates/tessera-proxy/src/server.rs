@@ -128,12 +128,17 @@ pub(crate) struct ServerStats {
 }
 
 /// State that workers and the admin API read; written only by the control side.
+/// Computes the xDS part of `/config_dump` on demand (Envoy's `configs` list).
+pub type ConfigDumpProvider = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 pub(crate) struct Shared {
     pub(crate) stats: Stats,
     pub(crate) server_stats: ServerStats,
     pub(crate) config: ArcSwap<Config>,
     pub(crate) config_version: AtomicU64,
     pub(crate) config_loaded_at: ArcSwap<SystemTime>,
+    /// The xDS section of `/config_dump`, when a control plane drives the sidecar.
+    pub(crate) xds_dump: ArcSwapOption<ConfigDumpProvider>,
     pub(crate) clusters: ArcSwap<Vec<Arc<ClusterRt>>>,
     pub(crate) listeners: ArcSwap<Vec<Arc<ListenerRt>>>,
     /// Every loaded certificate and trust bundle (for `/certs` and the file watcher).
@@ -264,6 +269,7 @@ impl Server {
             config: ArcSwap::from_pointee(cfg.clone()),
             config_version: AtomicU64::new(0),
             config_loaded_at: ArcSwap::from_pointee(SystemTime::now()),
+            xds_dump: ArcSwapOption::empty(),
             clusters: ArcSwap::from_pointee(Vec::new()),
             listeners: ArcSwap::from_pointee(Vec::new()),
             secrets: ArcSwap::from_pointee(Vec::new()),
@@ -370,6 +376,16 @@ impl Server {
             };
             let rt = match ctl.clusters.get(&c.name) {
                 Some(old) if old.cfg == *c && ctl.node == cfg.node && same_tls(old) => old.clone(),
+                // An EDS cluster whose endpoints alone changed keeps its runtime (pools, counters).
+                Some(old)
+                    if c.discovery == DiscoveryType::Eds
+                        && old.cfg.same_but_endpoints(c)
+                        && ctl.node == cfg.node
+                        && same_tls(old) =>
+                {
+                    old.set_endpoints(&c.endpoints);
+                    old.clone()
+                }
                 old => {
                     let tls = match &c.tls {
                         Some(t) => {
@@ -568,6 +584,27 @@ impl Server {
         shared.config_version.fetch_add(1, Ordering::Relaxed);
         shared.config_loaded_at.store(Arc::new(SystemTime::now()));
         Ok(())
+    }
+
+    /// Replaces the endpoints of the EDS cluster `cluster` without touching anything else: its
+    /// hosts whose endpoint persists keep their pools, health and counters. Nothing else is rebuilt.
+    pub async fn set_endpoints(&self, cluster: &str, endpoints: &[tessera_model::Endpoint]) -> Result<(), String> {
+        let ctl = self.control.lock().await;
+        let rt = ctl
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| format!("no cluster `{cluster}`"))?;
+        if rt.cfg.discovery != DiscoveryType::Eds {
+            return Err(format!("cluster `{cluster}` does not take its endpoints from EDS"));
+        }
+        rt.set_endpoints(endpoints);
+        Ok(())
+    }
+
+    /// Adds a section to `/config_dump`: `provider` is called for each request (the xDS client's
+    /// resources with their versions, computed only when asked for).
+    pub fn set_config_dump(&self, provider: ConfigDumpProvider) {
+        self.shared.xds_dump.store(Some(Arc::new(provider)));
     }
 
     /// The bound address of the listener called `name`.

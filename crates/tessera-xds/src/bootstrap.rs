@@ -32,12 +32,13 @@ pub fn bootstrap(b: &Bootstrap) -> Result<model::Config, Vec<Unsupported>> {
             .and_then(|addr| crate::listener::socket_addr(addr, "admin.address", &mut p))
             .map(|address| model::Admin { address })
     });
-    if b.dynamic_resources.is_some() {
-        p.add(
-            "dynamic_resources",
-            "ADS / xDS subscriptions need the ADS client, which is not built yet; use static_resources",
-        );
-    }
+    let cds = match dynamic(b) {
+        Ok(d) => d.is_some_and(|d| d.cds),
+        Err(errs) => {
+            errs.into_iter().for_each(|u| p.add(u.path, u.reason));
+            true
+        }
+    };
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
     if let Some(s) = &b.static_resources {
@@ -67,7 +68,8 @@ pub fn bootstrap(b: &Bootstrap) -> Result<model::Config, Vec<Unsupported>> {
         .iter()
         .flat_map(|s| s.clusters.iter().map(|c| c.name.as_str()))
         .collect();
-    for (li, l) in listeners.iter().enumerate() {
+    // With CDS the control plane may define them later (until then such routes answer 503).
+    for (li, l) in listeners.iter().enumerate().filter(|_| !cds) {
         for (ci, c) in l.filter_chains.iter().enumerate() {
             let at = format!("static_resources.listeners[{li}].filter_chains[{ci}]");
             for name in referenced_clusters(&c.filter) {
@@ -91,7 +93,141 @@ pub fn bootstrap(b: &Bootstrap) -> Result<model::Config, Vec<Unsupported>> {
     })
 }
 
-fn referenced_clusters(f: &model::NetworkFilter) -> Vec<&str> {
+/// How a sidecar talks to its control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdsMode {
+    /// State of the world (`api_type: GRPC`): every response carries the whole set of a type.
+    Sotw,
+    /// Incremental (`api_type: DELTA_GRPC`): responses carry changes and removals.
+    Delta,
+}
+
+/// `dynamic_resources` of a bootstrap: one ADS stream to the control plane.
+#[derive(Debug, Clone)]
+pub struct Dynamic {
+    /// State of the world or delta.
+    pub mode: XdsMode,
+    /// The static cluster that reaches the control plane (`grpc_services[0].envoy_grpc.cluster_name`).
+    pub cluster: String,
+    /// Its first endpoint, `host:port` (an IP, or a name resolved at each connection).
+    pub address: String,
+    /// TLS (and a client certificate for mTLS) towards the control plane, from that cluster.
+    pub tls: Option<model::UpstreamTls>,
+    /// Listeners come from the control plane (`lds_config: {ads: {}}`).
+    pub lds: bool,
+    /// Clusters come from the control plane (`cds_config: {ads: {}}`).
+    pub cds: bool,
+    /// The node, as sent on the stream (id, cluster, metadata, locality).
+    pub node: envoy_types::pb::envoy::config::core::v3::Node,
+}
+
+/// The ADS part of a bootstrap, if it has one; problems are listed with their paths.
+pub fn dynamic(b: &Bootstrap) -> Result<Option<Dynamic>, Vec<Unsupported>> {
+    use envoy_types::pb::envoy::config::core::v3::{ApiConfigSource, api_config_source, grpc_service};
+    let Some(d) = &b.dynamic_resources else {
+        return Ok(None);
+    };
+    let mut p = Problems::default();
+    let ads_only = |src: &Option<envoy_types::pb::envoy::config::core::v3::ConfigSource>,
+                    field: &str,
+                    p: &mut Problems| match src {
+        None => false,
+        Some(s) if crate::cluster::is_ads(s) => true,
+        Some(_) => {
+            p.add(
+                format!("dynamic_resources.{field}"),
+                "only `{ads: {}}` is supported: every resource comes over the one ADS stream",
+            );
+            false
+        }
+    };
+    let lds = ads_only(&d.lds_config, "lds_config", &mut p);
+    let cds = ads_only(&d.cds_config, "cds_config", &mut p);
+    if !d.lds_resources_locator.is_empty() || !d.cds_resources_locator.is_empty() {
+        p.add("dynamic_resources", "xdstp:// resource locators are not supported");
+    }
+    let Some(ads): Option<&ApiConfigSource> = d.ads_config.as_ref() else {
+        p.add(
+            "dynamic_resources.ads_config",
+            "an ADS server is required (`ads_config`)",
+        );
+        return Err(p.finish(()).err().unwrap_or_default());
+    };
+    let mode = match api_config_source::ApiType::try_from(ads.api_type) {
+        Ok(api_config_source::ApiType::Grpc | api_config_source::ApiType::AggregatedGrpc) => XdsMode::Sotw,
+        Ok(api_config_source::ApiType::DeltaGrpc | api_config_source::ApiType::AggregatedDeltaGrpc) => XdsMode::Delta,
+        _ => {
+            p.add(
+                "dynamic_resources.ads_config.api_type",
+                "ADS needs GRPC (state of the world) or DELTA_GRPC",
+            );
+            XdsMode::Sotw
+        }
+    };
+    let cluster = match ads.grpc_services.first().and_then(|g| g.target_specifier.as_ref()) {
+        Some(grpc_service::TargetSpecifier::EnvoyGrpc(e)) => e.cluster_name.clone(),
+        Some(grpc_service::TargetSpecifier::GoogleGrpc(_)) => {
+            p.add(
+                "dynamic_resources.ads_config.grpc_services[0].google_grpc",
+                "use envoy_grpc with a static cluster",
+            );
+            String::new()
+        }
+        None => {
+            p.add(
+                "dynamic_resources.ads_config.grpc_services",
+                "one envoy_grpc service naming a static cluster is required",
+            );
+            String::new()
+        }
+    };
+    let mut target = None;
+    if !cluster.is_empty() {
+        let found = b
+            .static_resources
+            .iter()
+            .flat_map(|s| s.clusters.iter())
+            .find(|c| c.name == cluster);
+        match found.map(|c| crate::cluster::cluster(c, &format!("cluster \"{cluster}\""))) {
+            None => p.add(
+                "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
+                format!("no static cluster `{cluster}`"),
+            ),
+            Some(Err(errs)) => errs.into_iter().for_each(|u| p.add(u.path, u.reason)),
+            Some(Ok(c)) => match c.endpoints.first() {
+                // A name (STRICT_DNS / LOGICAL_DNS) is resolved at each connection, as Envoy does.
+                Some(e) => {
+                    let host = if e.host.contains(':') {
+                        format!("[{}]", e.host)
+                    } else {
+                        e.host.clone()
+                    };
+                    target = Some((format!("{host}:{}", e.port), c.tls));
+                }
+                None => p.add(
+                    format!("cluster \"{cluster}\".load_assignment"),
+                    "the ADS cluster needs an endpoint",
+                ),
+            },
+        }
+    }
+    let node = b.node.clone().unwrap_or_default();
+    let (address, tls) = match target {
+        Some(t) => t,
+        None => return Err(p.finish(()).err().unwrap_or_default()),
+    };
+    p.finish(Some(Dynamic {
+        mode,
+        cluster,
+        address,
+        tls,
+        lds,
+        cds,
+        node,
+    }))
+}
+
+pub(crate) fn referenced_clusters(f: &model::NetworkFilter) -> Vec<&str> {
     match f {
         model::NetworkFilter::TcpProxy(t) => vec![t.cluster.as_str()],
         model::NetworkFilter::Http(h) => h

@@ -34,11 +34,23 @@ pub fn cluster(c: &Cluster, at: &str) -> Result<model::Cluster, Vec<Unsupported>
             // resolves it as STRICT_DNS, which is the same for the one-address names it is used
             // for and spreads load over every address otherwise (docs/xds.md).
             Ok(cluster::DiscoveryType::LogicalDns) => model::DiscoveryType::StrictDns,
+            Ok(cluster::DiscoveryType::Eds) => {
+                if let Some(cfg) = &c.eds_cluster_config
+                    && let Some(src) = &cfg.eds_config
+                    && !is_ads(src)
+                {
+                    p.add(
+                        f("eds_cluster_config.eds_config"),
+                        "endpoints come over the ADS stream only (`eds_config: {ads: {}}`)",
+                    );
+                }
+                model::DiscoveryType::Eds
+            }
             Ok(other) => {
                 p.add(
                     f("type"),
                     format!(
-                        "{} clusters are not supported yet; use STATIC or STRICT_DNS",
+                        "{} clusters are not supported yet; use STATIC, STRICT_DNS or EDS",
                         other.as_str_name()
                     ),
                 );
@@ -264,6 +276,27 @@ fn protocol(c: &Cluster, f: &dyn Fn(&str) -> String, p: &mut Problems) -> model:
         };
     }
     protocol
+}
+
+/// True when a config source is the ADS stream (`ads: {}`), the only one Tessera follows.
+pub(crate) fn is_ads(src: &envoy_types::pb::envoy::config::core::v3::ConfigSource) -> bool {
+    use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+    matches!(src.config_source_specifier, Some(ConfigSourceSpecifier::Ads(_)))
+}
+
+/// The name an EDS cluster asks EDS for: `eds_cluster_config.service_name`, or its own name.
+/// `None` for clusters that do not use EDS.
+pub fn eds_service_name(c: &Cluster) -> Option<&str> {
+    match &c.cluster_discovery_type {
+        Some(cluster::ClusterDiscoveryType::Type(t)) if *t == cluster::DiscoveryType::Eds as i32 => Some(
+            c.eds_cluster_config
+                .as_ref()
+                .map(|e| e.service_name.as_str())
+                .filter(|n| !n.is_empty())
+                .unwrap_or(&c.name),
+        ),
+        _ => None,
+    }
 }
 
 /// Endpoints of a load assignment, and its overprovisioning factor. Endpoints marked UNHEALTHY,
@@ -521,7 +554,9 @@ mod tests {
             model::DiscoveryType::StrictDns
         );
         let mut c = base();
-        c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32));
+        c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        ));
         c.lb_policy = cluster::LbPolicy::ClusterProvided as i32;
         c.load_assignment.as_mut().unwrap().endpoints[0].lb_endpoints[0].load_balancing_weight =
             Some(UInt32Value { value: 500 });
@@ -535,7 +570,7 @@ mod tests {
         let errs = cluster(&c, "clusters[4]").unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
         let want = [
-            "clusters[4].type: EDS clusters are not supported yet",
+            "clusters[4].type: ORIGINAL_DST clusters are not supported yet",
             "clusters[4].lb_policy: CLUSTER_PROVIDED is not supported",
             "clusters[4].load_assignment.endpoints[0].lb_endpoints[0].load_balancing_weight: 500 is outside 1..=128",
             "clusters[4].typed_extension_protocol_options[\"x\"]: `some.Other` is not supported",
@@ -543,6 +578,29 @@ mod tests {
         for w in want {
             assert!(text.iter().any(|t| t.starts_with(w)), "missing {w:?} in {text:#?}");
         }
+    }
+
+    #[test]
+    fn eds_clusters_name_their_service_and_must_follow_ads() {
+        use envoy_types::pb::envoy::config::core::v3::{ApiConfigSource, ConfigSource, config_source};
+        let mut c = base();
+        c.load_assignment = None;
+        c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32));
+        assert_eq!(eds_service_name(&c), Some("web"));
+        assert_eq!(cluster(&c, "c").unwrap().discovery, model::DiscoveryType::Eds);
+        c.eds_cluster_config = Some(cluster::EdsClusterConfig {
+            service_name: "outbound|80||web.default".into(),
+            eds_config: Some(ConfigSource {
+                config_source_specifier: Some(config_source::ConfigSourceSpecifier::ApiConfigSource(
+                    ApiConfigSource::default(),
+                )),
+                ..Default::default()
+            }),
+        });
+        assert_eq!(eds_service_name(&c), Some("outbound|80||web.default"));
+        let errs = cluster(&c, "c").unwrap_err();
+        assert_eq!(errs[0].path, "c.eds_cluster_config.eds_config", "{errs:?}");
+        assert_eq!(eds_service_name(&base()), None);
     }
 
     #[test]

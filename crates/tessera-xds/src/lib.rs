@@ -9,6 +9,7 @@
 //! ADS client, TLS, secrets and most HTTP filters are not built yet.
 
 mod access_log;
+pub mod ads;
 pub mod bootstrap;
 pub mod cluster;
 mod http_filters;

@@ -39,8 +39,23 @@ pub(crate) fn type_name(any: &Any) -> &str {
     any.type_url.rsplit('/').next().unwrap_or("")
 }
 
-/// Converts a listener; `at` prefixes problem paths.
+/// Route configurations an HTTP connection manager names through RDS: `Some(table)` once RDS
+/// delivered it; `None` while it has not (the listener then answers 404, as Envoy does when a
+/// route configuration never arrives).
+pub type RdsLookup<'a> = &'a dyn Fn(&str) -> Option<model::RouteConfig>;
+
+/// Converts a listener with inline routes (a bootstrap's static listener); `at` prefixes
+/// problem paths.
 pub fn listener(l: &Listener, at: &str) -> Result<model::Listener, Vec<Unsupported>> {
+    listener_with_rds(l, at, None)
+}
+
+/// Converts a listener whose HTTP connection managers may take routes from RDS through `rds`.
+pub fn listener_with_rds(
+    l: &Listener,
+    at: &str,
+    rds: Option<RdsLookup<'_>>,
+) -> Result<model::Listener, Vec<Unsupported>> {
     let mut p = Problems::default();
     let address = l
         .address
@@ -71,7 +86,7 @@ pub fn listener(l: &Listener, at: &str) -> Result<model::Listener, Vec<Unsupport
     }
     let mut chains = Vec::with_capacity(l.filter_chains.len());
     for (i, c) in l.filter_chains.iter().enumerate() {
-        if let Some(c) = chain(c, i, &l.name, &format!("{at}.filter_chains[{i}]"), &mut p) {
+        if let Some(c) = chain(c, i, rds, &format!("{at}.filter_chains[{i}]"), &mut p) {
             chains.push(c);
         }
     }
@@ -92,6 +107,28 @@ pub fn listener(l: &Listener, at: &str) -> Result<model::Listener, Vec<Unsupport
         continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
         filter_chains: chains,
     })
+}
+
+/// The route configurations a listener's HTTP connection managers take from RDS, in order.
+pub fn rds_names(l: &Listener) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {
+        for f in &c.filters {
+            let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                continue;
+            };
+            if type_name(any) != HCM {
+                continue;
+            }
+            if let Ok(h) = HttpConnectionManager::decode(any.value.as_slice())
+                && let Some(http_connection_manager::RouteSpecifier::Rds(r)) = h.route_specifier
+                && !out.contains(&r.route_config_name)
+            {
+                out.push(r.route_config_name);
+            }
+        }
+    }
+    out
 }
 
 pub(crate) fn socket_addr(a: &Address, at: &str, p: &mut Problems) -> Option<SocketAddr> {
@@ -122,7 +159,13 @@ pub(crate) fn socket_addr(a: &Address, at: &str, p: &mut Problems) -> Option<Soc
     }
 }
 
-fn chain(c: &FilterChain, index: usize, listener: &str, at: &str, p: &mut Problems) -> Option<model::FilterChain> {
+fn chain(
+    c: &FilterChain,
+    index: usize,
+    rds: Option<RdsLookup<'_>>,
+    at: &str,
+    p: &mut Problems,
+) -> Option<model::FilterChain> {
     let mut m = model::FilterChainMatch::default();
     if let Some(fm) = &c.filter_chain_match {
         let f = |x: &str| format!("{at}.filter_chain_match.{x}");
@@ -184,8 +227,9 @@ fn chain(c: &FilterChain, index: usize, listener: &str, at: &str, p: &mut Proble
         }
         network = match type_name(any) {
             HCM => match HttpConnectionManager::decode(any.value.as_slice()) {
-                Ok(h) => hcm(&h, listener, &format!("{here}.typed_config"), p)
-                    .map(|h| model::NetworkFilter::Http(Box::new(h))),
+                Ok(h) => {
+                    hcm(&h, rds, &format!("{here}.typed_config"), p).map(|h| model::NetworkFilter::Http(Box::new(h)))
+                }
                 Err(e) => {
                     p.add(&here, format!("malformed HttpConnectionManager: {e}"));
                     None
@@ -244,20 +288,43 @@ fn tcp(t: &TcpProxy, at: &str, p: &mut Problems) -> Option<model::TcpProxy> {
     })
 }
 
-fn hcm(h: &HttpConnectionManager, _listener: &str, at: &str, p: &mut Problems) -> Option<model::HttpConnectionManager> {
+fn hcm(
+    h: &HttpConnectionManager,
+    rds: Option<RdsLookup<'_>>,
+    at: &str,
+    p: &mut Problems,
+) -> Option<model::HttpConnectionManager> {
     let mut route_config = match &h.route_specifier {
         Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
             crate::route::route_config(rc, &format!("{at}.route_config"), p)
         }
         Some(http_connection_manager::RouteSpecifier::Rds(r)) => {
-            p.add(
-                format!("{at}.rds"),
-                format!(
-                    "route configuration `{}` from RDS needs the ADS client (not built yet)",
-                    r.route_config_name
-                ),
-            );
-            return None;
+            let Some(rds) = rds else {
+                p.add(
+                    format!("{at}.rds"),
+                    format!(
+                        "route configuration `{}` from RDS needs dynamic_resources (an ADS control plane)",
+                        r.route_config_name
+                    ),
+                );
+                return None;
+            };
+            if let Some(src) = &r.config_source
+                && !crate::cluster::is_ads(src)
+            {
+                p.add(
+                    format!("{at}.rds.config_source"),
+                    "routes come over the ADS stream only (`config_source: {ads: {}}`)",
+                );
+            }
+            rds(&r.route_config_name).unwrap_or_else(|| model::RouteConfig {
+                name: r.route_config_name.clone(),
+                virtual_hosts: Vec::new(),
+                request_headers_to_add: Vec::new(),
+                request_headers_to_remove: Vec::new(),
+                response_headers_to_add: Vec::new(),
+                response_headers_to_remove: Vec::new(),
+            })
         }
         Some(http_connection_manager::RouteSpecifier::ScopedRoutes(_)) => {
             p.add(format!("{at}.scoped_routes"), "scoped routes are not supported");

@@ -88,6 +88,24 @@ pub fn transcode(type_name: &str, mut json: Value) -> Result<Vec<u8>, String> {
     Ok(msg.encode_to_vec())
 }
 
+/// An `Any` (an xDS resource) as protobuf JSON with its `@type`, for `/config_dump`; a payload the
+/// descriptors do not know is shown by type and size.
+pub fn any_to_json(any: &envoy_types::pb::google::protobuf::Any) -> Value {
+    let name = any.type_url.rsplit('/').next().unwrap_or("");
+    let decoded = POOL.as_ref().ok().and_then(|pool| {
+        let desc = pool.get_message_by_name(name)?;
+        let msg = DynamicMessage::decode(desc, any.value.as_slice()).ok()?;
+        serde_json::to_value(&msg).ok()
+    });
+    match decoded {
+        Some(Value::Object(mut m)) => {
+            m.insert("@type".into(), Value::String(any.type_url.clone()));
+            Value::Object(m)
+        }
+        _ => serde_json::json!({"@type": any.type_url, "bytes": any.value.len()}),
+    }
+}
+
 /// Upper-cases enum names written in lower case, following the descriptors (and `@type` of Anys).
 fn upper_enums(pool: &DescriptorPool, desc: &MessageDescriptor, v: &mut Value) {
     let Value::Object(obj) = v else { return };

@@ -11,6 +11,7 @@ use tessera_proxy::{Options, Server};
 use tokio::signal::unix::{SignalKind, signal};
 
 mod sample;
+mod xds;
 
 #[derive(Parser)]
 #[command(
@@ -51,9 +52,12 @@ enum Cmd {
         /// How long SIGTERM waits for in-flight requests, overriding the config's `drain_time`.
         #[arg(long, value_parser = parse_duration)]
         drain_time: Option<Duration>,
-        /// How often to look for changes to the config file (0 turns watching off).
+        /// How often to look for changes to the config file (0 turns watching off). A bootstrap
+        /// with `dynamic_resources` is not watched: the control plane owns the configuration.
         #[arg(long, value_parser = parse_duration, default_value = "1s")]
         watch_interval: Duration,
+        #[command(flatten)]
+        node: NodeFlags,
     },
     /// Validate config files; print every error and exit 1 if there are any.
     Check {
@@ -91,6 +95,33 @@ enum Cmd {
     },
 }
 
+/// The node identity a control plane sees (Istio's pilot-agent passes these to Envoy).
+#[derive(clap::Args, Clone, Default)]
+struct NodeFlags {
+    /// Node id, overriding the bootstrap's `node.id` (Istio: `sidecar~IP~POD.NS~NS.svc.cluster.local`).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Node cluster (Istio: the workload's service cluster), overriding `node.cluster`.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Node metadata `KEY=VALUE`, repeatable; VALUE is JSON when it parses (`LABELS={"app":"web"}`)
+    /// and a string otherwise. Istio reads NAMESPACE, LABELS, INSTANCE_IPS, ISTIO_VERSION,
+    /// CLUSTER_ID, MESH_ID, NETWORK and more from here.
+    #[arg(long = "node-meta", value_name = "KEY=VALUE")]
+    meta: Vec<String>,
+    /// ADS variant, overriding `ads_config.api_type`.
+    #[arg(long, value_enum)]
+    xds_mode: Option<XdsModeArg>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum XdsModeArg {
+    /// State of the world.
+    Sotw,
+    /// Incremental.
+    Delta,
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     tessera_model::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration such as 250ms, 5s or 1m"))
 }
@@ -121,13 +152,14 @@ fn main() -> ExitCode {
             admin,
             drain_time,
             watch_interval,
+            node,
         } => {
             let src = match (config, envoy_bootstrap) {
                 (Some(p), _) => Source::Tessera(p),
                 (None, Some(p)) => Source::Envoy(p),
                 (None, None) => unreachable!("clap requires one of them"),
             };
-            runtime().and_then(|rt| rt.block_on(sidecar(src, concurrency, admin, drain_time, watch_interval)))
+            runtime().and_then(|rt| rt.block_on(sidecar(src, concurrency, admin, drain_time, watch_interval, node)))
         }
         Cmd::Up { file } => runtime().and_then(|rt| rt.block_on(up(file))),
         Cmd::CheckServer { listen, policy } => runtime().and_then(|rt| {
@@ -285,8 +317,13 @@ async fn sidecar(
     admin: Option<std::net::SocketAddr>,
     drain_time: Option<Duration>,
     watch_interval: Duration,
+    node: NodeFlags,
 ) -> anyhow::Result<()> {
-    let cfg = load(&src).await?;
+    let mut cfg = load(&src).await?;
+    let dynamic = match &src {
+        Source::Envoy(p) => xds::dynamic(p, &node, &mut cfg)?,
+        Source::Tessera(_) => None,
+    };
     let path = src.path().to_path_buf();
     let mut opts = Options::default();
     if let Some(n) = concurrency {
@@ -294,9 +331,29 @@ async fn sidecar(
     }
     opts.admin = admin;
     opts.secret_refresh = watch_interval;
+    let base = cfg.clone();
     let server = Server::start(cfg, opts).await.context("cannot start the sidecar")?;
     announce(&server, &path);
-    let reason = run_until_stop(&server, &src, (!watch_interval.is_zero()).then_some(watch_interval)).await?;
+    let reason = match dynamic {
+        None => {
+            run_until_stop(
+                &server,
+                &src,
+                (!watch_interval.is_zero()).then_some(watch_interval),
+                true,
+            )
+            .await?
+        }
+        Some(d) => {
+            let client = tessera_xds::ads::Client::new(tessera_xds::ads::Settings::new(d, base), xds::ToProxy(&server));
+            let dump = client.dump();
+            server.set_config_dump(Box::new(move || dump.load().to_json()));
+            tokio::select! {
+                () = client.run() => "the ADS client ended",
+                r = run_until_stop(&server, &src, None, false) => r?,
+            }
+        }
+    };
     let drain = drain_time.unwrap_or(server.config().drain_time);
     tracing::info!(%reason, drain = ?drain, "draining, then exiting");
     server.shutdown(drain).await;
@@ -317,7 +374,12 @@ fn announce(server: &Server, path: &Path) {
 
 /// Serves until SIGTERM, SIGINT or `/quitquitquit`, reloading `path` on SIGHUP and, when
 /// `watch` is set, whenever its content changes (checked at that interval).
-async fn run_until_stop(server: &Server, src: &Source, watch: Option<Duration>) -> anyhow::Result<&'static str> {
+async fn run_until_stop(
+    server: &Server,
+    src: &Source,
+    watch: Option<Duration>,
+    owns_config: bool,
+) -> anyhow::Result<&'static str> {
     let path = src.path();
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
@@ -328,6 +390,10 @@ async fn run_until_stop(server: &Server, src: &Source, watch: Option<Duration>) 
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                if !owns_config {
+                    tracing::warn!("SIGHUP ignored: the control plane owns this sidecar's configuration");
+                    continue;
+                }
                 last = tokio::fs::read(path).await.ok();
                 reload(server, src, "SIGHUP").await;
             }

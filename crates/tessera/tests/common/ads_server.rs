@@ -1,0 +1,441 @@
+//! A scriptable ADS server for the tests, on envoy-types' tonic server: the test sets a snapshot
+//! per type (version and resources) and the server answers each stream as a snapshot cache does
+//! (state of the world: the whole set when the version or the names asked for change; delta:
+//! changed and removed resources per subscription). Every request is logged so tests can assert
+//! the ACK / NACK sequence a client sends. Written for the tests; not a control plane.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::google::protobuf::Any;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// A resource from protobuf JSON (Envoy's field names), through the built-in descriptors.
+pub fn any(type_url: &str, json: serde_json::Value) -> Any {
+    let name = type_url.rsplit('/').next().unwrap();
+    let value = tessera_xds::load::transcode(name, json).unwrap_or_else(|e| panic!("{name}: {e}"));
+    Any {
+        type_url: type_url.to_string(),
+        value,
+    }
+}
+
+/// One request a client sent.
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub type_url: String,
+    pub version: String,
+    pub nonce: String,
+    pub names: Vec<String>,
+    pub unsubscribe: Vec<String>,
+    pub initial: BTreeMap<String, String>,
+    pub error: Option<String>,
+    pub node_id: Option<String>,
+    pub node_meta: Vec<String>,
+    pub delta: bool,
+    pub stream: u64,
+}
+
+impl Req {
+    pub fn short_type(&self) -> &str {
+        self.type_url.rsplit('.').next().unwrap_or("")
+    }
+
+    /// `Cluster ACK v1`, `Listener NACK v1`, `ClusterLoadAssignment ask [a, b]`...
+    pub fn describe(&self) -> String {
+        let kind = if self.error.is_some() {
+            "NACK"
+        } else if !self.nonce.is_empty() {
+            "ACK"
+        } else {
+            "ask"
+        };
+        format!(
+            "{} {kind} v={:?} names={:?}",
+            self.short_type(),
+            self.version,
+            self.names
+        )
+    }
+}
+
+#[derive(Default, Clone)]
+struct Snap {
+    version: String,
+    resources: BTreeMap<String, Any>,
+}
+
+struct Shared {
+    snaps: Mutex<HashMap<String, Snap>>,
+    changed: watch::Sender<u64>,
+    log: Mutex<Vec<Req>>,
+    nonce: AtomicU64,
+    streams: AtomicU64,
+    raw: broadcast::Sender<DiscoveryResponse>,
+}
+
+impl Shared {
+    fn next_nonce(&self) -> String {
+        format!("n{}", self.nonce.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+}
+
+fn name_of(any: &Any) -> String {
+    use prost::Message;
+    let n = match any.type_url.as_str() {
+        LISTENER => {
+            envoy_types::pb::envoy::config::listener::v3::Listener::decode(any.value.as_slice()).map(|x| x.name)
+        }
+        ROUTE => {
+            envoy_types::pb::envoy::config::route::v3::RouteConfiguration::decode(any.value.as_slice()).map(|x| x.name)
+        }
+        CLUSTER => envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(any.value.as_slice()).map(|x| x.name),
+        ENDPOINT => envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(any.value.as_slice())
+            .map(|x| x.cluster_name),
+        _ => Ok(String::new()),
+    };
+    n.unwrap_or_default()
+}
+
+fn hash_version(a: &Any) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    a.value.hash(&mut h);
+    format!("{:x}", h.finish())
+}
+
+#[derive(Clone)]
+struct Svc(Arc<Shared>);
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Svc {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let sh = self.0.clone();
+        let stream = sh.streams.fetch_add(1, Ordering::Relaxed) + 1;
+        tokio::spawn(async move {
+            let mut changed = sh.changed.subscribe();
+            let mut raw = sh.raw.subscribe();
+            let mut subs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut sent: HashMap<String, (String, Vec<String>)> = HashMap::new();
+            loop {
+                let types: Vec<String> = tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(r)) => {
+                            sh.log.lock().unwrap().push(Req {
+                                type_url: r.type_url.clone(),
+                                version: r.version_info.clone(),
+                                nonce: r.response_nonce.clone(),
+                                names: r.resource_names.clone(),
+                                unsubscribe: Vec::new(),
+                                initial: BTreeMap::new(),
+                                error: r.error_detail.as_ref().map(|e| e.message.clone()),
+                                node_id: r.node.as_ref().map(|n| n.id.clone()),
+                                node_meta: r.node.as_ref().and_then(|n| n.metadata.as_ref()).map(|m| m.fields.keys().cloned().collect()).unwrap_or_default(),
+                                delta: false,
+                                stream,
+                            });
+                            let mut names = r.resource_names.clone();
+                            names.sort();
+                            subs.insert(r.type_url.clone(), names);
+                            vec![r.type_url]
+                        }
+                        _ => break,
+                    },
+                    c = changed.changed() => {
+                        if c.is_err() { break; }
+                        subs.keys().cloned().collect()
+                    }
+                    m = raw.recv() => {
+                        if let Ok(mut m) = m {
+                            m.nonce = sh.next_nonce();
+                            if tx.send(Ok(m)).await.is_err() { break; }
+                        }
+                        continue;
+                    }
+                };
+                for t in types {
+                    let Some(snap) = sh.snaps.lock().unwrap().get(&t).cloned() else {
+                        continue;
+                    };
+                    let names = subs.get(&t).cloned().unwrap_or_default();
+                    let key = (snap.version.clone(), names.clone());
+                    if sent.get(&t) == Some(&key) {
+                        continue;
+                    }
+                    let wildcard = t == LISTENER || t == CLUSTER || names.is_empty();
+                    let resources = snap
+                        .resources
+                        .iter()
+                        .filter(|(n, _)| wildcard || names.contains(n))
+                        .map(|(_, a)| a.clone())
+                        .collect();
+                    let resp = DiscoveryResponse {
+                        version_info: snap.version.clone(),
+                        resources,
+                        type_url: t.clone(),
+                        nonce: sh.next_nonce(),
+                        ..Default::default()
+                    };
+                    sent.insert(t, key);
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let sh = self.0.clone();
+        let stream = sh.streams.fetch_add(1, Ordering::Relaxed) + 1;
+        tokio::spawn(async move {
+            let mut changed = sh.changed.subscribe();
+            // type -> (wildcard, names); what the client holds: type -> name -> version.
+            let mut subs: BTreeMap<String, (bool, BTreeSet<String>)> = BTreeMap::new();
+            let mut known: HashMap<String, HashMap<String, String>> = HashMap::new();
+            loop {
+                let types: Vec<String> = tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(r)) => {
+                            sh.log.lock().unwrap().push(Req {
+                                type_url: r.type_url.clone(),
+                                version: String::new(),
+                                nonce: r.response_nonce.clone(),
+                                names: r.resource_names_subscribe.clone(),
+                                unsubscribe: r.resource_names_unsubscribe.clone(),
+                                initial: r.initial_resource_versions.clone().into_iter().collect(),
+                                error: r.error_detail.as_ref().map(|e| e.message.clone()),
+                                node_id: r.node.as_ref().map(|n| n.id.clone()),
+                                node_meta: r.node.as_ref().and_then(|n| n.metadata.as_ref()).map(|m| m.fields.keys().cloned().collect()).unwrap_or_default(),
+                                delta: true,
+                                stream,
+                            });
+                            let first = !subs.contains_key(&r.type_url);
+                            let entry = subs.entry(r.type_url.clone()).or_insert_with(|| {
+                                let wildcard = (r.type_url == LISTENER || r.type_url == CLUSTER)
+                                    && (r.resource_names_subscribe.is_empty() || r.resource_names_subscribe.iter().any(|n| n == "*"));
+                                (wildcard, BTreeSet::new())
+                            });
+                            entry.1.extend(r.resource_names_subscribe.iter().filter(|n| *n != "*").cloned());
+                            let k = known.entry(r.type_url.clone()).or_default();
+                            for n in &r.resource_names_unsubscribe {
+                                entry.1.remove(n);
+                                k.remove(n);
+                            }
+                            if first {
+                                k.extend(r.initial_resource_versions.clone());
+                            }
+                            if !r.response_nonce.is_empty() {
+                                continue;
+                            }
+                            vec![r.type_url]
+                        }
+                        _ => break,
+                    },
+                    c = changed.changed() => {
+                        if c.is_err() { break; }
+                        subs.keys().cloned().collect()
+                    }
+                };
+                for t in types {
+                    let snap = sh.snaps.lock().unwrap().get(&t).cloned().unwrap_or_default();
+                    let (wildcard, names) = subs.get(&t).cloned().unwrap_or_default();
+                    let k = known.entry(t.clone()).or_default();
+                    let mut resources = Vec::new();
+                    for (n, a) in &snap.resources {
+                        if !(wildcard || names.contains(n)) {
+                            continue;
+                        }
+                        let v = hash_version(a);
+                        if k.get(n) != Some(&v) {
+                            k.insert(n.clone(), v.clone());
+                            resources.push(Resource {
+                                name: n.clone(),
+                                version: v,
+                                resource: Some(a.clone()),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                    let removed: Vec<String> = k.keys().filter(|n| !snap.resources.contains_key(*n)).cloned().collect();
+                    for n in &removed {
+                        k.remove(n);
+                    }
+                    if resources.is_empty() && removed.is_empty() {
+                        continue;
+                    }
+                    let resp = DeltaDiscoveryResponse {
+                        system_version_info: snap.version.clone(),
+                        resources,
+                        type_url: t.clone(),
+                        removed_resources: removed,
+                        nonce: sh.next_nonce(),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// The server; dropping it (or [`AdsServer::stop`]) ends every stream.
+pub struct AdsServer {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl AdsServer {
+    /// Listens on `127.0.0.1:port` (0: any free port).
+    pub fn start(port: u16) -> AdsServer {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (changed, _) = watch::channel(0);
+        let (raw, _) = broadcast::channel(16);
+        let shared = Arc::new(Shared {
+            snaps: Mutex::new(HashMap::new()),
+            changed,
+            log: Mutex::new(Vec::new()),
+            nonce: AtomicU64::new(0),
+            streams: AtomicU64::new(0),
+            raw,
+        });
+        let listener = rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                    Ok(l) => break l,
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("ADS server: bind {port}: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("ADS server cannot bind {port}: {e}"),
+                }
+            }
+        });
+        let addr = listener.local_addr().unwrap();
+        let svc = AggregatedDiscoveryServiceServer::new(Svc(shared.clone())).max_decoding_message_size(64 << 20);
+        // Served by hyper's HTTP/2 server directly (tonic's own server needs its `router` feature).
+        rt.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    let h = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let mut svc = svc.clone();
+                        async move { tonic::codegen::Service::call(&mut svc, req).await }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), h)
+                        .await;
+                });
+            }
+        });
+        AdsServer {
+            addr,
+            shared,
+            rt: Some(rt),
+        }
+    }
+
+    /// Sets the resources of a type (the whole set) at `version`, and pushes them to every
+    /// stream that asked for the type.
+    pub fn set(&self, type_url: &str, version: &str, resources: Vec<Any>) {
+        let resources = resources.into_iter().map(|a| (name_of(&a), a)).collect();
+        self.shared.snaps.lock().unwrap().insert(
+            type_url.to_string(),
+            Snap {
+                version: version.to_string(),
+                resources,
+            },
+        );
+        self.shared.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Sends `resp` as it is on every state-of-the-world stream (garbage, unknown types...).
+    pub fn send_raw(&self, resp: DiscoveryResponse) {
+        let _ = self.shared.raw.send(resp);
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Req> {
+        self.shared.log.lock().unwrap().clone()
+    }
+
+    /// Streams opened so far.
+    pub fn streams(&self) -> u64 {
+        self.shared.streams.load(Ordering::Relaxed)
+    }
+
+    /// Waits for a request matching `pred` (among all so far), up to `limit`.
+    pub fn wait_for(&self, what: &str, limit: Duration, pred: impl Fn(&Req) -> bool) -> Req {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(r) = self.requests().into_iter().find(|r| pred(r)) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {limit:?}; requests:\n{}",
+                self.requests().iter().map(Req::describe).collect::<Vec<_>>().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops serving: every stream ends.
+    pub fn stop(mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+impl Drop for AdsServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}

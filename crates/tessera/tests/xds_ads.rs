@@ -1,0 +1,430 @@
+//! The sidecar driven over ADS by a scripted control plane (tests/common/ads_server.rs, on
+//! envoy-types' tonic server): initial config in Envoy's warming order, route change, endpoint
+//! churn under traffic, a NACKed listener while the old one serves, garbage from the control
+//! plane, a control-plane restart, delta subscribe / unsubscribe, and `/config_dump`.
+
+#[path = "common/ads_server.rs"]
+mod ads_server;
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ads_server::{AdsServer, CLUSTER, ENDPOINT, LISTENER, ROUTE, Req, any};
+use common::*;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use envoy_types::pb::google::protobuf::Any;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(20);
+
+/// An Envoy v3 bootstrap whose listeners and clusters come from the ADS server at `ads`.
+pub fn ads_bootstrap(ads: SocketAddr, admin: u16, api_type: &str) -> String {
+    format!(
+        r#"node:
+  id: sidecar~127.0.0.1~web-1.default~default.svc.cluster.local
+  cluster: web.default
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: {api_type}
+    transport_api_version: V3
+    grpc_services:
+    - envoy_grpc: {{cluster_name: xds-grpc}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}
+"#,
+        ads.port()
+    )
+}
+
+pub fn eds_cluster(name: &str) -> Any {
+    any(
+        CLUSTER,
+        json!({"name": name, "type": "EDS", "connect_timeout": "1s",
+               "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}}}),
+    )
+}
+
+pub fn cla(name: &str, addrs: &[SocketAddr]) -> Any {
+    let eps: Vec<_> = addrs
+        .iter()
+        .map(|a| json!({"endpoint": {"address": {"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}}}))
+        .collect();
+    any(
+        ENDPOINT,
+        json!({"cluster_name": name, "endpoints": [{"lb_endpoints": eps}]}),
+    )
+}
+
+pub fn rds_listener(name: &str, port: u16, route: &str) -> Any {
+    any(
+        LISTENER,
+        json!({"name": name,
+               "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+               "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                   "stat_prefix": "ingress",
+                   "rds": {"route_config_name": route, "config_source": {"ads": {}, "resource_api_version": "V3"}},
+                   "http_filters": [{"name": "envoy.filters.http.router",
+                     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}),
+    )
+}
+
+/// Routes `/<prefix>` of every host to clusters, in order; `tag` goes into a response header.
+pub fn routes(name: &str, to: &[(&str, &str)], tag: &str) -> Any {
+    let rs: Vec<_> = to
+        .iter()
+        .map(|(prefix, cluster)| json!({"match": {"prefix": prefix}, "route": {"cluster": cluster}}))
+        .collect();
+    any(
+        ROUTE,
+        json!({"name": name,
+               "response_headers_to_add": [{"header": {"key": "x-route", "value": tag}}],
+               "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": rs}]}),
+    )
+}
+
+struct Mesh {
+    _dir: TempDir,
+    sidecar: Proc,
+    admin: SocketAddr,
+    url: String,
+    s1: (Proc, SocketAddr),
+    s2: (Proc, SocketAddr),
+}
+
+/// Two sample services and a sidecar on ADS with a listener routing `/` to them via `backend`.
+fn mesh(ads: &AdsServer, api_type: &str, extra: &[&str]) -> Mesh {
+    let s1 = sample_service("one");
+    let s2 = sample_service("two");
+    let port = free_port();
+    ads.set(CLUSTER, "1", vec![eds_cluster("backend")]);
+    ads.set(ENDPOINT, "1", vec![cla("backend", &[s1.1])]);
+    ads.set(LISTENER, "1", vec![rds_listener("ingress", port, "routes")]);
+    ads.set(ROUTE, "1", vec![routes("routes", &[("/", "backend")], "v1")]);
+    let dir = TempDir::new("ads");
+    let boot = dir.write("bootstrap.yaml", &ads_bootstrap(ads.addr, 0, api_type));
+    let mut args = vec!["sidecar", "--envoy-bootstrap", boot.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let sidecar = Proc::tessera(&args);
+    let admin = sidecar.logged_addr("admin API ready", T);
+    let url = format!("http://127.0.0.1:{port}/");
+    wait_status(&url, "200", T);
+    Mesh {
+        _dir: dir,
+        sidecar,
+        admin,
+        url,
+        s1,
+        s2,
+    }
+}
+
+fn index(reqs: &[Req], what: &str, pred: impl Fn(&Req) -> bool) -> usize {
+    reqs.iter().position(pred).unwrap_or_else(|| {
+        panic!(
+            "no {what} in\n{}",
+            reqs.iter().map(Req::describe).collect::<Vec<_>>().join("\n")
+        )
+    })
+}
+
+fn ack(r: &Req, t: &str, v: &str) -> bool {
+    r.type_url == t && r.error.is_none() && !r.nonce.is_empty() && r.version == v
+}
+
+/// Who answers `url`, `n` times.
+fn who(url: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let body = curl_ok(&[url]);
+            if body.contains("hello from one") {
+                "one".into()
+            } else if body.contains("hello from two") {
+                "two".into()
+            } else {
+                body
+            }
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn config_dump(admin: SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&curl_ok(&[&format!("http://{admin}/config_dump")])).unwrap()
+}
+
+fn dump_of<'a>(d: &'a serde_json::Value, ty: &str) -> &'a serde_json::Value {
+    d["configs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["@type"].as_str().is_some_and(|t| t.ends_with(ty))))
+        .unwrap_or_else(|| panic!("no {ty} in {d:#}"))
+}
+
+#[test]
+fn sotw_warms_in_envoys_order_then_follows_route_and_endpoint_changes() {
+    let ads = AdsServer::start(0);
+    let m = mesh(
+        &ads,
+        "GRPC",
+        &[
+            "--node-meta",
+            "NAMESPACE=default",
+            "--node-meta",
+            r#"LABELS={"app":"web"}"#,
+        ],
+    );
+    assert_eq!(who(&m.url, 3), ["one", "one", "one"]);
+
+    // Envoy's order: CDS, then EDS for its clusters (asked before CDS is ACKed), LDS only once the
+    // clusters are warm, then RDS.
+    let reqs = ads.requests();
+    let first = &reqs[0];
+    assert_eq!(first.type_url, CLUSTER, "{}", first.describe());
+    assert_eq!(
+        first.node_id.as_deref(),
+        Some("sidecar~127.0.0.1~web-1.default~default.svc.cluster.local")
+    );
+    assert!(first.node_meta.contains(&"NAMESPACE".to_string()) && first.node_meta.contains(&"LABELS".to_string()));
+    let eds_ask = index(&reqs, "EDS ask", |r| {
+        r.type_url == ENDPOINT && r.nonce.is_empty() && r.names == ["backend"]
+    });
+    let cds_ack = index(&reqs, "CDS ACK", |r| ack(r, CLUSTER, "1"));
+    let eds_ack = index(&reqs, "EDS ACK", |r| ack(r, ENDPOINT, "1"));
+    let lds_ask = index(&reqs, "LDS ask", |r| r.type_url == LISTENER && r.nonce.is_empty());
+    let rds_ask = index(&reqs, "RDS ask", |r| r.type_url == ROUTE && r.names == ["routes"]);
+    let lds_ack = index(&reqs, "LDS ACK", |r| ack(r, LISTENER, "1"));
+    index(&reqs, "RDS ACK", |r| ack(r, ROUTE, "1"));
+    assert!(eds_ask < cds_ack, "EDS is asked for before CDS is ACKed");
+    assert!(eds_ack < lds_ask, "LDS waits for warm clusters");
+    assert!(rds_ask < lds_ack, "RDS is asked for before LDS is ACKed");
+
+    // A route change.
+    ads.set(ROUTE, "2", vec![routes("routes", &[("/", "backend")], "v2")]);
+    ads.wait_for("RDS ACK v2", T, |r| ack(r, ROUTE, "2"));
+    wait_until("the new route", T, || curl_ok(&["-si", &m.url]).contains("x-route: v2"));
+
+    // Endpoint churn under traffic: no request fails while endpoints come and go.
+    let url = m.url.clone();
+    let load = std::thread::spawn(move || {
+        let mut bad = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(4);
+        let mut n = 0;
+        while Instant::now() < deadline {
+            let out = curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]);
+            let code = String::from_utf8_lossy(&out.stdout).into_owned();
+            if code != "200" {
+                bad.push(code);
+            }
+            n += 1;
+        }
+        (n, bad)
+    });
+    ads.set(ENDPOINT, "2", vec![cla("backend", &[m.s1.1, m.s2.1])]);
+    ads.wait_for("EDS ACK v2", T, |r| ack(r, ENDPOINT, "2"));
+    wait_until("two answers", T, || who(&m.url, 4).contains(&"two".to_string()));
+    ads.set(ENDPOINT, "3", vec![cla("backend", &[m.s2.1])]);
+    ads.wait_for("EDS ACK v3", T, |r| ack(r, ENDPOINT, "3"));
+    wait_until("only two answers", T, || who(&m.url, 4).iter().all(|w| w == "two"));
+    let (n, bad) = load.join().unwrap();
+    assert!(
+        bad.is_empty(),
+        "{} of {n} requests failed during endpoint churn: {bad:?}",
+        bad.len()
+    );
+
+    // /config_dump: each resource with its version, as Envoy shows them.
+    let d = config_dump(m.admin);
+    let routes_dump = dump_of(&d, "RoutesConfigDump");
+    assert_eq!(routes_dump["version_info"], "2");
+    let rc = &routes_dump["dynamic_route_configs"][0];
+    assert_eq!(rc["version_info"], "2");
+    assert_eq!(rc["route_config"]["name"], "routes");
+    assert!(rc["last_updated"].as_str().is_some_and(|t| t.ends_with('Z')), "{rc:#}");
+    let eds = dump_of(&d, "EndpointsConfigDump");
+    assert_eq!(eds["dynamic_endpoint_configs"][0]["version_info"], "3");
+    let l = &dump_of(&d, "ListenersConfigDump")["dynamic_listeners"][0];
+    assert_eq!(l["name"], "ingress");
+    assert_eq!(l["active_state"]["version_info"], "1");
+    drop(m.sidecar);
+}
+
+#[test]
+fn a_bad_listener_or_garbage_is_nacked_and_the_old_config_keeps_serving() {
+    let ads = AdsServer::start(0);
+    let m = mesh(&ads, "GRPC", &[]);
+    let port: u16 = m.url.trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap();
+
+    // A listener with an HTTP filter Tessera does not run, not marked optional.
+    let mut bad = serde_json::json!({
+        "name": "ingress",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "ingress",
+            "rds": {"route_config_name": "routes", "config_source": {"ads": {}}},
+            "http_filters": [
+              {"name": "envoy.filters.http.buffer", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 1024}},
+              {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]});
+    ads.set(LISTENER, "2", vec![any(LISTENER, bad.take())]);
+    let nack = ads.wait_for("LDS NACK", T, |r| r.type_url == LISTENER && r.error.is_some());
+    assert_eq!(nack.version, "1", "a NACK carries the last accepted version");
+    let why = nack.error.unwrap();
+    assert!(
+        why.contains("listener \"ingress\".filter_chains[0].filters[0].typed_config.http_filters[0]")
+            && why.contains("envoy.filters.http.buffer"),
+        "{why}"
+    );
+    assert_eq!(who(&m.url, 2), ["one", "one"], "the old listener keeps serving");
+
+    // Garbage: a type nobody asked for, and a payload that is not a Listener.
+    ads.send_raw(DiscoveryResponse {
+        version_info: "x".into(),
+        type_url: "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig".into(),
+        ..Default::default()
+    });
+    let unknown = ads.wait_for("NACK of an unknown type", T, |r| {
+        r.type_url.ends_with("TypedExtensionConfig")
+    });
+    assert!(
+        unknown.error.as_deref().is_some_and(|e| e.contains("not supported")),
+        "{unknown:?}"
+    );
+    ads.send_raw(DiscoveryResponse {
+        version_info: "3".into(),
+        type_url: LISTENER.into(),
+        resources: vec![Any {
+            type_url: LISTENER.into(),
+            value: vec![0xff, 0xff, 0xff, 0x0f, 0x01],
+        }],
+        ..Default::default()
+    });
+    let malformed = ads.wait_for("NACK of a malformed listener", T, |r| {
+        r.type_url == LISTENER && r.error.as_deref().is_some_and(|e| e.contains("malformed"))
+    });
+    assert_eq!(malformed.version, "1");
+    // A cluster in a listener response.
+    ads.send_raw(DiscoveryResponse {
+        version_info: "4".into(),
+        type_url: LISTENER.into(),
+        resources: vec![eds_cluster("stray")],
+        ..Default::default()
+    });
+    ads.wait_for("NACK of a misplaced resource", T, |r| {
+        r.type_url == LISTENER
+            && r.error
+                .as_deref()
+                .is_some_and(|e| e.contains("in a `Listener` response"))
+    });
+    assert_eq!(who(&m.url, 2), ["one", "one"]);
+
+    // The rejection is visible in /config_dump, and a good push is taken again.
+    let d = config_dump(m.admin);
+    let lds = dump_of(&d, "ListenersConfigDump");
+    assert_eq!(lds["version_info"], "1");
+    assert!(lds["error_state"]["details"].as_str().is_some(), "{lds:#}");
+    ads.set(LISTENER, "5", vec![rds_listener("ingress", port, "routes")]);
+    ads.wait_for("LDS ACK v5", T, |r| ack(r, LISTENER, "5"));
+    assert_eq!(who(&m.url, 2), ["one", "one"]);
+}
+
+#[test]
+fn the_last_good_config_serves_while_the_control_plane_restarts() {
+    let ads = AdsServer::start(0);
+    let m = mesh(&ads, "GRPC", &[]);
+    let port = ads.addr.port();
+    ads.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(who(&m.url, 3), ["one", "one", "one"], "serving without a control plane");
+    m.sidecar.wait_log("reconnecting to the control plane", T);
+
+    // A new control plane on the same address, with a new route: the sidecar reconnects, says
+    // which versions it holds, and takes the change.
+    let ads = AdsServer::start(port);
+    ads.set(CLUSTER, "1", vec![eds_cluster("backend")]);
+    ads.set(ENDPOINT, "1", vec![cla("backend", &[m.s1.1])]);
+    ads.set(
+        LISTENER,
+        "1",
+        vec![rds_listener(
+            "ingress",
+            m.url[17..m.url.len() - 1].parse().unwrap(),
+            "routes",
+        )],
+    );
+    ads.set(ROUTE, "2", vec![routes("routes", &[("/", "backend")], "after-restart")]);
+    let hello = ads.wait_for("a CDS request after reconnecting", Duration::from_secs(40), |r| {
+        r.type_url == CLUSTER
+    });
+    assert_eq!(
+        hello.version, "1",
+        "the reconnecting sidecar reports the version it holds"
+    );
+    assert!(hello.node_id.is_some());
+    ads.wait_for("RDS ACK v2", T, |r| ack(r, ROUTE, "2"));
+    wait_until("the new route", T, || {
+        curl_ok(&["-si", &m.url]).contains("x-route: after-restart")
+    });
+}
+
+#[test]
+fn delta_subscribes_and_unsubscribes_as_clusters_come_and_go() {
+    let ads = AdsServer::start(0);
+    let m = mesh(&ads, "DELTA_GRPC", &[]);
+    assert_eq!(who(&m.url, 2), ["one", "one"]);
+    let reqs = ads.requests();
+    assert!(reqs.iter().all(|r| r.delta));
+    index(&reqs, "EDS subscribe", |r| {
+        r.type_url == ENDPOINT && r.names == ["backend"]
+    });
+
+    // A second cluster and a route to it: EDS subscribes to it.
+    ads.set(ENDPOINT, "2", vec![cla("backend", &[m.s1.1]), cla("other", &[m.s2.1])]);
+    ads.set(CLUSTER, "2", vec![eds_cluster("backend"), eds_cluster("other")]);
+    ads.wait_for("EDS subscribe other", T, |r| {
+        r.type_url == ENDPOINT && r.names == ["other"]
+    });
+    ads.set(
+        ROUTE,
+        "2",
+        vec![routes("routes", &[("/other", "other"), ("/", "backend")], "v2")],
+    );
+    let other = format!("{}other", m.url);
+    wait_until("/other routed to two", T, || who(&other, 1) == ["two"]);
+    assert_eq!(who(&m.url, 1), ["one"]);
+
+    // The cluster goes: EDS unsubscribes; the route to it (still there) answers 503.
+    ads.set(CLUSTER, "3", vec![eds_cluster("backend")]);
+    ads.wait_for("EDS unsubscribe other", T, |r| {
+        r.type_url == ENDPOINT && r.unsubscribe == ["other"]
+    });
+    wait_status(&other, "503", T);
+    assert_eq!(who(&m.url, 1), ["one"]);
+
+    // Delta removal of the route configuration: the listener answers 404, as Envoy's does.
+    ads.set(ROUTE, "3", vec![]);
+    wait_status(&m.url, "404", T);
+}
