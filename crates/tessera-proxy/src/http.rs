@@ -709,7 +709,15 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
             response_mutations(resp.headers_mut(), &table, vh, route);
             finish_local(st, resp, ResponseFlags::NONE, "redirect")
         }
-        Action::Forward(f) => forward::forward(st, parts, body, &table, vh, route, f, grpc).await,
+        Action::Forward(f) => {
+            let mut resp = forward::forward(st, parts, body, &table, vh, route, f, grpc).await;
+            // The router's own answers (503 no healthy upstream, 504 timeout...) carry the route's
+            // response headers too, as Envoy's do; upstream answers got them in `forward`.
+            if resp.extensions_mut().remove::<LocalReply>().is_some() {
+                response_mutations(resp.headers_mut(), &table, vh, route);
+            }
+            resp
+        }
     };
     Ok(resp)
 }
@@ -1051,9 +1059,13 @@ fn grpc_local_reply(
     finish_local(st, r, flags, details)
 }
 
+/// Marks an answer the proxy made itself (not the upstream's).
+#[derive(Clone, Copy)]
+struct LocalReply;
+
 fn finish_local(
     mut st: Stream,
-    resp: Response<RespBody>,
+    mut resp: Response<RespBody>,
     flags: ResponseFlags,
     details: &'static str,
 ) -> Response<RespBody> {
@@ -1072,6 +1084,7 @@ fn finish_local(
         tracing::debug!(status, %flags, details, "local reply");
     }
     st.finish(status, Ending::Complete, bytes);
+    resp.extensions_mut().insert(LocalReply);
     resp
 }
 

@@ -428,3 +428,203 @@ fn delta_subscribes_and_unsubscribes_as_clusters_come_and_go() {
     ads.set(ROUTE, "3", vec![]);
     wait_status(&m.url, "404", T);
 }
+
+/// A listener whose HTTP connection manager carries a filter of a type neither proxy knows.
+fn listener_with_unknown_filter(port: u16) -> Any {
+    use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, HttpFilter, http_filter,
+    };
+    use prost::Message;
+    let good = rds_listener("ingress", port, "routes");
+    let mut l = Listener::decode(good.value.as_slice()).unwrap();
+    let Some(filter::ConfigType::TypedConfig(hcm_any)) = &mut l.filter_chains[0].filters[0].config_type else {
+        unreachable!()
+    };
+    let mut hcm = HttpConnectionManager::decode(hcm_any.value.as_slice()).unwrap();
+    hcm.http_filters.insert(
+        0,
+        HttpFilter {
+            name: "istio.unknown".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(Any {
+                type_url: "type.googleapis.com/acme.NoSuchFilter".into(),
+                value: Vec::new(),
+            })),
+            ..Default::default()
+        },
+    );
+    hcm_any.value = hcm.encode_to_vec();
+    Any {
+        type_url: LISTENER.into(),
+        value: l.encode_to_vec(),
+    }
+}
+
+/// Per type, what a client said: `ask [names]`, `ACK v`, `NACK v`, in order.
+fn conversation(reqs: &[Req]) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for ty in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
+        let said = reqs
+            .iter()
+            .filter(|r| r.type_url == ty)
+            .map(|r| {
+                let mut names = r.names.clone();
+                names.sort();
+                let subs = if names.is_empty() && r.unsubscribe.is_empty() {
+                    String::new()
+                } else {
+                    format!(" +{names:?} -{:?}", r.unsubscribe)
+                };
+                let kind = if r.error.is_some() {
+                    "NACK"
+                } else if r.nonce.is_empty() {
+                    "ask"
+                } else {
+                    "ACK"
+                };
+                format!("{kind} v{}{subs}", r.version)
+            })
+            .collect();
+        out.push((ty.rsplit('.').next().unwrap().to_string(), said));
+    }
+    out
+}
+
+/// The same pushes to Envoy 1.40 and to Tessera, each from its own scripted server: the same
+/// ACK / NACK conversation, and the same answers to the same requests.
+#[test]
+fn envoy_and_tessera_answer_the_same_sotw_pushes_the_same_way() {
+    differential("GRPC");
+}
+
+#[test]
+fn envoy_and_tessera_answer_the_same_delta_pushes_the_same_way() {
+    differential("DELTA_GRPC");
+}
+
+fn differential(api_type: &str) {
+    let Some(envoy) = envoy_bin() else {
+        eprintln!("SKIPPED: no bench/.venv Envoy (scripts/test installs it)");
+        return;
+    };
+    let s1 = sample_service("one");
+    let s2 = sample_service("two");
+    let dir = TempDir::new("ads-diff");
+    let mut sides = Vec::new();
+    for who_ in ["envoy", "tessera"] {
+        let ads = AdsServer::start(0);
+        let port = free_port();
+        ads.set(CLUSTER, "1", vec![eds_cluster("backend")]);
+        ads.set(ENDPOINT, "1", vec![cla("backend", &[s1.1])]);
+        ads.set(LISTENER, "1", vec![rds_listener("ingress", port, "routes")]);
+        ads.set(ROUTE, "1", vec![routes("routes", &[("/", "backend")], "v1")]);
+        let admin = free_port();
+        let boot = dir.write(&format!("{who_}.yaml"), &ads_bootstrap(ads.addr, admin, api_type));
+        let proc_ = if who_ == "envoy" {
+            spawn_envoy(&envoy, &boot, port)
+        } else {
+            Proc::tessera(&["sidecar", "--envoy-bootstrap", boot.to_str().unwrap()])
+        };
+        sides.push((who_, ads, port, proc_));
+    }
+    let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    let answer = |port: u16, path: &str| {
+        let out = curl(&["-s", "-i", &url(port, path)]);
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        let status = text.split_whitespace().nth(1).unwrap_or("").to_string();
+        let route = text
+            .lines()
+            .find_map(|l| l.strip_prefix("x-route: "))
+            .unwrap_or("-")
+            .trim()
+            .to_string();
+        let body = if text.contains("hello from one") {
+            "one"
+        } else if text.contains("hello from two") {
+            "two"
+        } else {
+            "-"
+        };
+        format!("{status} {route} {body}")
+    };
+    for (_, _, port, _) in &sides {
+        wait_status(&url(*port, "/"), "200", Duration::from_secs(30));
+    }
+    let step = |name: &str, f: &dyn Fn(&AdsServer, u16), settled: &dyn Fn(&[Req]) -> bool| {
+        for (w, ads, port, _) in &sides {
+            f(ads, *port);
+            ads.wait_all(&format!("{name} on {w}"), T, settled);
+        }
+        // Both have answered the push; give Envoy's main thread a moment to publish it to its worker.
+        std::thread::sleep(Duration::from_millis(300));
+        let answers: Vec<String> = sides
+            .iter()
+            .map(|(_, _, port, _)| format!("{} | {}", answer(*port, "/"), answer(*port, "/other")))
+            .collect();
+        assert_eq!(answers[0], answers[1], "after {name}: Envoy vs Tessera");
+        answers[0].clone()
+    };
+    let acked = |t: &'static str, v: &'static str| move |reqs: &[Req]| reqs.iter().any(|r| ack(r, t, v));
+    assert_eq!(
+        step("nothing", &|_, _| {}, &acked(ROUTE, "1")),
+        "200 v1 one | 200 v1 one"
+    );
+    step(
+        "route v2",
+        &|ads, _| ads.set(ROUTE, "2", vec![routes("routes", &[("/", "backend")], "v2")]),
+        &acked(ROUTE, "2"),
+    );
+    step(
+        "a listener with an unknown filter",
+        &|ads, port| ads.set(LISTENER, "2", vec![listener_with_unknown_filter(port)]),
+        &|reqs| reqs.iter().any(|r| r.type_url == LISTENER && r.error.is_some()),
+    );
+    step(
+        "endpoints moved",
+        &|ads, _| ads.set(ENDPOINT, "2", vec![cla("backend", &[s2.1])]),
+        &acked(ENDPOINT, "2"),
+    );
+    step(
+        "a second cluster",
+        &|ads, _| {
+            ads.set_all(vec![
+                (ENDPOINT, "3", vec![cla("backend", &[s2.1]), cla("other", &[s1.1])]),
+                (CLUSTER, "2", vec![eds_cluster("backend"), eds_cluster("other")]),
+            ])
+        },
+        // Endpoints of `other` ACKed after subscribing to it.
+        &|reqs| {
+            let sub = reqs
+                .iter()
+                .position(|r| r.type_url == ENDPOINT && r.names.iter().any(|n| n == "other"));
+            sub.is_some_and(|i| reqs[i..].iter().any(|r| ack(r, ENDPOINT, "3")))
+        },
+    );
+    let last = step(
+        "a route to it",
+        &|ads, _| {
+            ads.set(
+                ROUTE,
+                "3",
+                vec![routes("routes", &[("/other", "other"), ("/", "backend")], "v3")],
+            )
+        },
+        &acked(ROUTE, "3"),
+    );
+    assert_eq!(last, "200 v3 two | 200 v3 one");
+    step(
+        "the cluster removed",
+        &|ads, _| ads.set(CLUSTER, "3", vec![eds_cluster("backend")]),
+        &acked(CLUSTER, "3"),
+    );
+    let e = conversation(&sides[0].1.requests());
+    let t = conversation(&sides[1].1.requests());
+    eprintln!("Envoy:   {e:?}\nTessera: {t:?}");
+    assert_eq!(e, t, "the ACK/NACK conversation differs");
+    let nack = |ads: &AdsServer| ads.requests().into_iter().find_map(|r| r.error).unwrap();
+    eprintln!(
+        "Envoy's NACK:   {}\nTessera's NACK: {}",
+        nack(&sides[0].1),
+        nack(&sides[1].1)
+    );
+}

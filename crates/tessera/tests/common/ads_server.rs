@@ -90,6 +90,8 @@ struct Shared {
     nonce: AtomicU64,
     streams: AtomicU64,
     raw: broadcast::Sender<DiscoveryResponse>,
+    /// Delta: the system version each response nonce carried, so an ACK can be logged with it.
+    delta_versions: Mutex<HashMap<String, String>>,
 }
 
 impl Shared {
@@ -228,9 +230,10 @@ impl AggregatedDiscoveryService for Svc {
                 let types: Vec<String> = tokio::select! {
                     m = inbound.message() => match m {
                         Ok(Some(r)) => {
+                            let acked = sh.delta_versions.lock().unwrap().get(&r.response_nonce).cloned();
                             sh.log.lock().unwrap().push(Req {
                                 type_url: r.type_url.clone(),
-                                version: String::new(),
+                                version: acked.unwrap_or_default(),
                                 nonce: r.response_nonce.clone(),
                                 names: r.resource_names_subscribe.clone(),
                                 unsubscribe: r.resource_names_unsubscribe.clone(),
@@ -295,12 +298,17 @@ impl AggregatedDiscoveryService for Svc {
                     if resources.is_empty() && removed.is_empty() {
                         continue;
                     }
+                    let nonce = sh.next_nonce();
+                    sh.delta_versions
+                        .lock()
+                        .unwrap()
+                        .insert(nonce.clone(), snap.version.clone());
                     let resp = DeltaDiscoveryResponse {
                         system_version_info: snap.version.clone(),
                         resources,
                         type_url: t.clone(),
                         removed_resources: removed,
-                        nonce: sh.next_nonce(),
+                        nonce,
                         ..Default::default()
                     };
                     if tx.send(Ok(resp)).await.is_err() {
@@ -337,6 +345,7 @@ impl AdsServer {
             nonce: AtomicU64::new(0),
             streams: AtomicU64::new(0),
             raw,
+            delta_versions: Mutex::new(HashMap::new()),
         });
         let listener = rt.block_on(async {
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -393,6 +402,23 @@ impl AdsServer {
         self.shared.changed.send_modify(|v| *v += 1);
     }
 
+    /// Sets several types at once: streams see them together, in type order (CDS, EDS, LDS, RDS).
+    pub fn set_all(&self, sets: Vec<(&str, &str, Vec<Any>)>) {
+        let mut snaps = self.shared.snaps.lock().unwrap();
+        for (type_url, version, resources) in sets {
+            let resources = resources.into_iter().map(|a| (name_of(&a), a)).collect();
+            snaps.insert(
+                type_url.to_string(),
+                Snap {
+                    version: version.to_string(),
+                    resources,
+                },
+            );
+        }
+        drop(snaps);
+        self.shared.changed.send_modify(|v| *v += 1);
+    }
+
     /// Sends `resp` as it is on every state-of-the-world stream (garbage, unknown types...).
     pub fn send_raw(&self, resp: DiscoveryResponse) {
         let _ = self.shared.raw.send(resp);
@@ -406,6 +432,19 @@ impl AdsServer {
     /// Streams opened so far.
     pub fn streams(&self) -> u64 {
         self.shared.streams.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the requests so far satisfy `pred`, up to `limit`.
+    pub fn wait_all(&self, what: &str, limit: Duration, pred: &dyn Fn(&[Req]) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !pred(&self.requests()) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {limit:?}; requests:\n{}",
+                self.requests().iter().map(Req::describe).collect::<Vec<_>>().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits for a request matching `pred` (among all so far), up to `limit`.

@@ -410,3 +410,31 @@ pub fn openssl(args: &[&str]) -> Output {
     );
     out
 }
+
+/// Envoy 1.40 from bench/.venv (`.ci/run` installs it through scripts/test); `None` on a
+/// developer machine that has not installed it yet.
+pub fn envoy_bin() -> Option<PathBuf> {
+    let venv = repo().join("bench/.venv/lib");
+    let entries = std::fs::read_dir(&venv).ok()?;
+    entries
+        .flatten()
+        .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.exists())
+}
+
+/// Envoy on `config` with one worker; `id` keeps its shared memory apart from other Envoys.
+pub fn spawn_envoy(envoy: &Path, config: &Path, id: u16) -> Proc {
+    Proc::spawn(
+        Command::new(envoy)
+            .args([
+                "-c",
+                config.to_str().unwrap(),
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ])
+            .args(["--base-id", &(u32::from(id) % 60_000 + 1000).to_string()]),
+    )
+}
