@@ -17,6 +17,7 @@ pub mod listener;
 pub mod load;
 mod rbac;
 pub mod route;
+pub mod server;
 mod tls;
 
 /// One thing a resource asks for that Tessera cannot honour, or that is malformed.

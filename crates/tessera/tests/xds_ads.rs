@@ -1,22 +1,28 @@
-//! The sidecar driven over ADS by a scripted control plane (tests/common/ads_server.rs, on
-//! envoy-types' tonic server): initial config in Envoy's warming order, route change, endpoint
+//! The sidecar driven over ADS by a scripted control plane (`tessera_xds::server`, a snapshot
+//! cache on envoy-types' tonic service): initial config in Envoy's warming order, route change, endpoint
 //! churn under traffic, a NACKed listener while the old one serves, garbage from the control
 //! plane, a control-plane restart, delta subscribe / unsubscribe, and `/config_dump`.
 
-#[path = "common/ads_server.rs"]
-mod ads_server;
 mod common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ads_server::{AdsServer, CLUSTER, ENDPOINT, LISTENER, ROUTE, Req, any};
 use common::*;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::google::protobuf::Any;
 use serde_json::json;
+use tessera_xds::server::{AdsServer, CLUSTER, ENDPOINT, LISTENER, ROUTE, Req};
 
 const T: Duration = Duration::from_secs(20);
+
+fn any(type_url: &str, json: serde_json::Value) -> Any {
+    tessera_xds::server::any(type_url, json).unwrap()
+}
+
+fn ads_start(port: u16) -> AdsServer {
+    AdsServer::start(port).expect("the ADS server starts")
+}
 
 /// An Envoy v3 bootstrap whose listeners and clusters come from the ADS server at `ads`.
 pub fn ads_bootstrap(ads: SocketAddr, admin: u16, api_type: &str) -> String {
@@ -186,7 +192,7 @@ fn dump_of<'a>(d: &'a serde_json::Value, ty: &str) -> &'a serde_json::Value {
 
 #[test]
 fn sotw_warms_in_envoys_order_then_follows_route_and_endpoint_changes() {
-    let ads = AdsServer::start(0);
+    let ads = ads_start(0);
     let m = mesh(
         &ads,
         "GRPC",
@@ -224,7 +230,7 @@ fn sotw_warms_in_envoys_order_then_follows_route_and_endpoint_changes() {
 
     // A route change.
     ads.set(ROUTE, "2", vec![routes("routes", &[("/", "backend")], "v2")]);
-    ads.wait_for("RDS ACK v2", T, |r| ack(r, ROUTE, "2"));
+    ads.wait_for("RDS ACK v2", T, |r| ack(r, ROUTE, "2")).unwrap();
     wait_until("the new route", T, || curl_ok(&["-si", &m.url]).contains("x-route: v2"));
 
     // Endpoint churn under traffic: no request fails while endpoints come and go.
@@ -244,10 +250,10 @@ fn sotw_warms_in_envoys_order_then_follows_route_and_endpoint_changes() {
         (n, bad)
     });
     ads.set(ENDPOINT, "2", vec![cla("backend", &[m.s1.1, m.s2.1])]);
-    ads.wait_for("EDS ACK v2", T, |r| ack(r, ENDPOINT, "2"));
+    ads.wait_for("EDS ACK v2", T, |r| ack(r, ENDPOINT, "2")).unwrap();
     wait_until("two answers", T, || who(&m.url, 4).contains(&"two".to_string()));
     ads.set(ENDPOINT, "3", vec![cla("backend", &[m.s2.1])]);
-    ads.wait_for("EDS ACK v3", T, |r| ack(r, ENDPOINT, "3"));
+    ads.wait_for("EDS ACK v3", T, |r| ack(r, ENDPOINT, "3")).unwrap();
     wait_until("only two answers", T, || who(&m.url, 4).iter().all(|w| w == "two"));
     let (n, bad) = load.join().unwrap();
     assert!(
@@ -274,7 +280,7 @@ fn sotw_warms_in_envoys_order_then_follows_route_and_endpoint_changes() {
 
 #[test]
 fn a_bad_listener_or_garbage_is_nacked_and_the_old_config_keeps_serving() {
-    let ads = AdsServer::start(0);
+    let ads = ads_start(0);
     let m = mesh(&ads, "GRPC", &[]);
     let port: u16 = m.url.trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap();
 
@@ -290,7 +296,9 @@ fn a_bad_listener_or_garbage_is_nacked_and_the_old_config_keeps_serving() {
               {"name": "envoy.filters.http.buffer", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 1024}},
               {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]});
     ads.set(LISTENER, "2", vec![any(LISTENER, bad.take())]);
-    let nack = ads.wait_for("LDS NACK", T, |r| r.type_url == LISTENER && r.error.is_some());
+    let nack = ads
+        .wait_for("LDS NACK", T, |r| r.type_url == LISTENER && r.error.is_some())
+        .unwrap();
     assert_eq!(nack.version, "1", "a NACK carries the last accepted version");
     let why = nack.error.unwrap();
     assert!(
@@ -306,9 +314,11 @@ fn a_bad_listener_or_garbage_is_nacked_and_the_old_config_keeps_serving() {
         type_url: "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig".into(),
         ..Default::default()
     });
-    let unknown = ads.wait_for("NACK of an unknown type", T, |r| {
-        r.type_url.ends_with("TypedExtensionConfig")
-    });
+    let unknown = ads
+        .wait_for("NACK of an unknown type", T, |r| {
+            r.type_url.ends_with("TypedExtensionConfig")
+        })
+        .unwrap();
     assert!(
         unknown.error.as_deref().is_some_and(|e| e.contains("not supported")),
         "{unknown:?}"
@@ -322,9 +332,11 @@ fn a_bad_listener_or_garbage_is_nacked_and_the_old_config_keeps_serving() {
         }],
         ..Default::default()
     });
-    let malformed = ads.wait_for("NACK of a malformed listener", T, |r| {
-        r.type_url == LISTENER && r.error.as_deref().is_some_and(|e| e.contains("malformed"))
-    });
+    let malformed = ads
+        .wait_for("NACK of a malformed listener", T, |r| {
+            r.type_url == LISTENER && r.error.as_deref().is_some_and(|e| e.contains("malformed"))
+        })
+        .unwrap();
     assert_eq!(malformed.version, "1");
     // A cluster in a listener response.
     ads.send_raw(DiscoveryResponse {
@@ -338,7 +350,8 @@ fn a_bad_listener_or_garbage_is_nacked_and_the_old_config_keeps_serving() {
             && r.error
                 .as_deref()
                 .is_some_and(|e| e.contains("in a `Listener` response"))
-    });
+    })
+    .unwrap();
     assert_eq!(who(&m.url, 2), ["one", "one"]);
 
     // The rejection is visible in /config_dump, and a good push is taken again.
@@ -347,13 +360,13 @@ fn a_bad_listener_or_garbage_is_nacked_and_the_old_config_keeps_serving() {
     assert_eq!(lds["version_info"], "1");
     assert!(lds["error_state"]["details"].as_str().is_some(), "{lds:#}");
     ads.set(LISTENER, "5", vec![rds_listener("ingress", port, "routes")]);
-    ads.wait_for("LDS ACK v5", T, |r| ack(r, LISTENER, "5"));
+    ads.wait_for("LDS ACK v5", T, |r| ack(r, LISTENER, "5")).unwrap();
     assert_eq!(who(&m.url, 2), ["one", "one"]);
 }
 
 #[test]
 fn the_last_good_config_serves_while_the_control_plane_restarts() {
-    let ads = AdsServer::start(0);
+    let ads = ads_start(0);
     let m = mesh(&ads, "GRPC", &[]);
     let port = ads.addr.port();
     ads.stop();
@@ -363,7 +376,7 @@ fn the_last_good_config_serves_while_the_control_plane_restarts() {
 
     // A new control plane on the same address, with a new route: the sidecar reconnects, says
     // which versions it holds, and takes the change.
-    let ads = AdsServer::start(port);
+    let ads = ads_start(port);
     ads.set(CLUSTER, "1", vec![eds_cluster("backend")]);
     ads.set(ENDPOINT, "1", vec![cla("backend", &[m.s1.1])]);
     ads.set(
@@ -376,15 +389,17 @@ fn the_last_good_config_serves_while_the_control_plane_restarts() {
         )],
     );
     ads.set(ROUTE, "2", vec![routes("routes", &[("/", "backend")], "after-restart")]);
-    let hello = ads.wait_for("a CDS request after reconnecting", Duration::from_secs(40), |r| {
-        r.type_url == CLUSTER
-    });
+    let hello = ads
+        .wait_for("a CDS request after reconnecting", Duration::from_secs(40), |r| {
+            r.type_url == CLUSTER
+        })
+        .unwrap();
     assert_eq!(
         hello.version, "1",
         "the reconnecting sidecar reports the version it holds"
     );
     assert!(hello.node_id.is_some());
-    ads.wait_for("RDS ACK v2", T, |r| ack(r, ROUTE, "2"));
+    ads.wait_for("RDS ACK v2", T, |r| ack(r, ROUTE, "2")).unwrap();
     wait_until("the new route", T, || {
         curl_ok(&["-si", &m.url]).contains("x-route: after-restart")
     });
@@ -392,7 +407,7 @@ fn the_last_good_config_serves_while_the_control_plane_restarts() {
 
 #[test]
 fn delta_subscribes_and_unsubscribes_as_clusters_come_and_go() {
-    let ads = AdsServer::start(0);
+    let ads = ads_start(0);
     let m = mesh(&ads, "DELTA_GRPC", &[]);
     assert_eq!(who(&m.url, 2), ["one", "one"]);
     let reqs = ads.requests();
@@ -406,7 +421,8 @@ fn delta_subscribes_and_unsubscribes_as_clusters_come_and_go() {
     ads.set(CLUSTER, "2", vec![eds_cluster("backend"), eds_cluster("other")]);
     ads.wait_for("EDS subscribe other", T, |r| {
         r.type_url == ENDPOINT && r.names == ["other"]
-    });
+    })
+    .unwrap();
     ads.set(
         ROUTE,
         "2",
@@ -420,7 +436,8 @@ fn delta_subscribes_and_unsubscribes_as_clusters_come_and_go() {
     ads.set(CLUSTER, "3", vec![eds_cluster("backend")]);
     ads.wait_for("EDS unsubscribe other", T, |r| {
         r.type_url == ENDPOINT && r.unsubscribe == ["other"]
-    });
+    })
+    .unwrap();
     wait_status(&other, "503", T);
     assert_eq!(who(&m.url, 1), ["one"]);
 
@@ -512,7 +529,7 @@ fn differential(api_type: &str) {
     let dir = TempDir::new("ads-diff");
     let mut sides = Vec::new();
     for who_ in ["envoy", "tessera"] {
-        let ads = AdsServer::start(0);
+        let ads = ads_start(0);
         let port = free_port();
         ads.set(CLUSTER, "1", vec![eds_cluster("backend")]);
         ads.set(ENDPOINT, "1", vec![cla("backend", &[s1.1])]);
@@ -553,7 +570,7 @@ fn differential(api_type: &str) {
     let step = |name: &str, f: &dyn Fn(&AdsServer, u16), settled: &dyn Fn(&[Req]) -> bool| {
         for (w, ads, port, _) in &sides {
             f(ads, *port);
-            ads.wait_all(&format!("{name} on {w}"), T, settled);
+            ads.wait_all(&format!("{name} on {w}"), T, settled).unwrap();
         }
         // Both have answered the push; give Envoy's main thread a moment to publish it to its worker.
         std::thread::sleep(Duration::from_millis(300));

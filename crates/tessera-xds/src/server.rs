@@ -1,9 +1,11 @@
-//! A scriptable ADS server for the tests, on envoy-types' tonic server: the test sets a snapshot
-//! per type (version and resources) and the server answers each stream as a snapshot cache does
+//! A snapshot-cache ADS server on envoy-types' tonic service: the caller sets a snapshot per
+//! type (version and resources) and the server answers each stream as a snapshot cache does
 //! (state of the world: the whole set when the version or the names asked for change; delta:
-//! changed and removed resources per subscription). Every request is logged so tests can assert
-//! the ACK / NACK sequence a client sends. Written for the tests; not a control plane.
-#![allow(dead_code, unreachable_pub)]
+//! changed and removed resources per subscription). Every request is logged, so the ACK / NACK
+//! sequence of each client can be read back.
+//!
+//! The tests and the xDS benchmark drive sidecars (Tessera's and Envoy's) with it; Pilot's xDS
+//! server will grow from it (per-node scoping, debouncing and push metrics are not here yet).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -23,24 +25,24 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub use crate::ads::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// A resource from protobuf JSON (Envoy's field names), through the built-in descriptors.
-pub fn any(type_url: &str, json: serde_json::Value) -> Any {
-    let name = type_url.rsplit('/').next().unwrap();
-    let value = tessera_xds::load::transcode(name, json).unwrap_or_else(|e| panic!("{name}: {e}"));
-    Any {
+pub fn any(type_url: &str, json: serde_json::Value) -> Result<Any, String> {
+    let name = type_url.rsplit('/').next().unwrap_or("");
+    let value = crate::load::transcode(name, json).map_err(|e| format!("{name}: {e}"))?;
+    Ok(Any {
         type_url: type_url.to_string(),
         value,
-    }
+    })
 }
 
 /// One request a client sent.
 #[derive(Debug, Clone)]
+#[allow(missing_docs)]
 pub struct Req {
+    /// When it arrived.
+    pub at: Instant,
     pub type_url: String,
     pub version: String,
     pub nonce: String,
@@ -55,6 +57,7 @@ pub struct Req {
 }
 
 impl Req {
+    /// `Listener`, `Cluster`...
     pub fn short_type(&self) -> &str {
         self.type_url.rsplit('.').next().unwrap_or("")
     }
@@ -90,14 +93,45 @@ struct Shared {
     nonce: AtomicU64,
     streams: AtomicU64,
     raw: broadcast::Sender<DiscoveryResponse>,
+    sent: Mutex<Vec<Sent>>,
     /// Delta: the system version each response nonce carried, so an ACK can be logged with it.
     delta_versions: Mutex<HashMap<String, String>>,
 }
 
 impl Shared {
+    fn record(&self, type_url: &str, version: &str, nonce: &str, resources: usize) {
+        lock(&self.sent).push(Sent {
+            at: Instant::now(),
+            type_url: type_url.to_string(),
+            version: version.to_string(),
+            nonce: nonce.to_string(),
+            resources,
+        });
+    }
+
     fn next_nonce(&self) -> String {
         format!("n{}", self.nonce.fetch_add(1, Ordering::Relaxed) + 1)
     }
+}
+
+/// A poisoned lock only means a panicking thread held it; the data is still usable here.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One response the server sent.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// When.
+    pub at: Instant,
+    /// Its type URL.
+    pub type_url: String,
+    /// `version_info` (SotW) or `system_version_info` (delta).
+    pub version: String,
+    /// Its nonce.
+    pub nonce: String,
+    /// How many resources it carried.
+    pub resources: usize,
 }
 
 fn name_of(any: &Any) -> String {
@@ -148,7 +182,8 @@ impl AggregatedDiscoveryService for Svc {
                 let types: Vec<String> = tokio::select! {
                     m = inbound.message() => match m {
                         Ok(Some(r)) => {
-                            sh.log.lock().unwrap().push(Req {
+                            lock(&sh.log).push(Req {
+                                at: Instant::now(),
                                 type_url: r.type_url.clone(),
                                 version: r.version_info.clone(),
                                 nonce: r.response_nonce.clone(),
@@ -181,7 +216,7 @@ impl AggregatedDiscoveryService for Svc {
                     }
                 };
                 for t in types {
-                    let Some(snap) = sh.snaps.lock().unwrap().get(&t).cloned() else {
+                    let Some(snap) = lock(&sh.snaps).get(&t).cloned() else {
                         continue;
                     };
                     let names = subs.get(&t).cloned().unwrap_or_default();
@@ -203,6 +238,7 @@ impl AggregatedDiscoveryService for Svc {
                         nonce: sh.next_nonce(),
                         ..Default::default()
                     };
+                    sh.record(&resp.type_url, &resp.version_info, &resp.nonce, resp.resources.len());
                     sent.insert(t, key);
                     if tx.send(Ok(resp)).await.is_err() {
                         return;
@@ -230,8 +266,9 @@ impl AggregatedDiscoveryService for Svc {
                 let types: Vec<String> = tokio::select! {
                     m = inbound.message() => match m {
                         Ok(Some(r)) => {
-                            let acked = sh.delta_versions.lock().unwrap().get(&r.response_nonce).cloned();
-                            sh.log.lock().unwrap().push(Req {
+                            let acked = lock(&sh.delta_versions).get(&r.response_nonce).cloned();
+                            lock(&sh.log).push(Req {
+                                at: Instant::now(),
                                 type_url: r.type_url.clone(),
                                 version: acked.unwrap_or_default(),
                                 nonce: r.response_nonce.clone(),
@@ -272,7 +309,7 @@ impl AggregatedDiscoveryService for Svc {
                     }
                 };
                 for t in types {
-                    let snap = sh.snaps.lock().unwrap().get(&t).cloned().unwrap_or_default();
+                    let snap = lock(&sh.snaps).get(&t).cloned().unwrap_or_default();
                     let (wildcard, names) = subs.get(&t).cloned().unwrap_or_default();
                     let k = known.entry(t.clone()).or_default();
                     let mut resources = Vec::new();
@@ -299,10 +336,7 @@ impl AggregatedDiscoveryService for Svc {
                         continue;
                     }
                     let nonce = sh.next_nonce();
-                    sh.delta_versions
-                        .lock()
-                        .unwrap()
-                        .insert(nonce.clone(), snap.version.clone());
+                    lock(&sh.delta_versions).insert(nonce.clone(), snap.version.clone());
                     let resp = DeltaDiscoveryResponse {
                         system_version_info: snap.version.clone(),
                         resources,
@@ -311,6 +345,12 @@ impl AggregatedDiscoveryService for Svc {
                         nonce,
                         ..Default::default()
                     };
+                    sh.record(
+                        &resp.type_url,
+                        &resp.system_version_info,
+                        &resp.nonce,
+                        resp.resources.len(),
+                    );
                     if tx.send(Ok(resp)).await.is_err() {
                         return;
                     }
@@ -323,19 +363,17 @@ impl AggregatedDiscoveryService for Svc {
 
 /// The server; dropping it (or [`AdsServer::stop`]) ends every stream.
 pub struct AdsServer {
+    /// Where it listens.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    rt: Option<tokio::runtime::Runtime>,
+    stop: Option<(tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl AdsServer {
-    /// Listens on `127.0.0.1:port` (0: any free port).
-    pub fn start(port: u16) -> AdsServer {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+    /// Listens on `127.0.0.1:port` (0: any free port), retrying a taken port for up to 10 s
+    /// (a restarted control plane reusing its address), on a runtime thread of its own.
+    pub fn start(port: u16) -> std::io::Result<AdsServer> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (changed, _) = watch::channel(0);
         let (raw, _) = broadcast::channel(16);
         let shared = Arc::new(Shared {
@@ -346,24 +384,25 @@ impl AdsServer {
             streams: AtomicU64::new(0),
             raw,
             delta_versions: Mutex::new(HashMap::new()),
+            sent: Mutex::new(Vec::new()),
         });
         let listener = rt.block_on(async {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                    Ok(l) => break l,
+                    Ok(l) => break Ok(l),
                     Err(e) if Instant::now() < deadline => {
-                        eprintln!("ADS server: bind {port}: {e}; retrying");
+                        tracing::debug!(port, error = %e, "ADS server: port taken; retrying");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    Err(e) => panic!("ADS server cannot bind {port}: {e}"),
+                    Err(e) => break Err(e),
                 }
             }
-        });
-        let addr = listener.local_addr().unwrap();
+        })?;
+        let addr = listener.local_addr()?;
         let svc = AggregatedDiscoveryServiceServer::new(Svc(shared.clone())).max_decoding_message_size(64 << 20);
         // Served by hyper's HTTP/2 server directly (tonic's own server needs its `router` feature).
-        rt.spawn(async move {
+        let accept = async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
@@ -380,19 +419,29 @@ impl AdsServer {
                         .await;
                 });
             }
-        });
-        AdsServer {
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("ads-server".into()).spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    () = accept => {}
+                    _ = stopped => {}
+                }
+            });
+            // Dropping the runtime ends every stream.
+        })?;
+        Ok(AdsServer {
             addr,
             shared,
-            rt: Some(rt),
-        }
+            stop: Some((stop, thread)),
+        })
     }
 
     /// Sets the resources of a type (the whole set) at `version`, and pushes them to every
     /// stream that asked for the type.
     pub fn set(&self, type_url: &str, version: &str, resources: Vec<Any>) {
         let resources = resources.into_iter().map(|a| (name_of(&a), a)).collect();
-        self.shared.snaps.lock().unwrap().insert(
+        lock(&self.shared.snaps).insert(
             type_url.to_string(),
             Snap {
                 version: version.to_string(),
@@ -404,7 +453,7 @@ impl AdsServer {
 
     /// Sets several types at once: streams see them together, in type order (CDS, EDS, LDS, RDS).
     pub fn set_all(&self, sets: Vec<(&str, &str, Vec<Any>)>) {
-        let mut snaps = self.shared.snaps.lock().unwrap();
+        let mut snaps = lock(&self.shared.snaps);
         for (type_url, version, resources) in sets {
             let resources = resources.into_iter().map(|a| (name_of(&a), a)).collect();
             snaps.insert(
@@ -426,7 +475,7 @@ impl AdsServer {
 
     /// Every request so far.
     pub fn requests(&self) -> Vec<Req> {
-        self.shared.log.lock().unwrap().clone()
+        lock(&self.shared.log).clone()
     }
 
     /// Streams opened so far.
@@ -434,47 +483,57 @@ impl AdsServer {
         self.shared.streams.load(Ordering::Relaxed)
     }
 
-    /// Waits until the requests so far satisfy `pred`, up to `limit`.
-    pub fn wait_all(&self, what: &str, limit: Duration, pred: &dyn Fn(&[Req]) -> bool) {
-        let deadline = Instant::now() + limit;
-        while !pred(&self.requests()) {
-            assert!(
-                Instant::now() < deadline,
-                "no {what} within {limit:?}; requests:\n{}",
-                self.requests().iter().map(Req::describe).collect::<Vec<_>>().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// Every response so far.
+    pub fn sent(&self) -> Vec<Sent> {
+        lock(&self.shared.sent).clone()
     }
 
-    /// Waits for a request matching `pred` (among all so far), up to `limit`.
-    pub fn wait_for(&self, what: &str, limit: Duration, pred: impl Fn(&Req) -> bool) -> Req {
+    fn timed_out(&self, what: &str, limit: Duration) -> String {
+        let reqs: Vec<String> = self.requests().iter().map(Req::describe).collect();
+        format!("no {what} within {limit:?}; requests:\n{}", reqs.join("\n"))
+    }
+
+    /// Waits (blocking, polling) until the requests so far satisfy `pred`, up to `limit`.
+    pub fn wait_all(&self, what: &str, limit: Duration, pred: &dyn Fn(&[Req]) -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        while !pred(&self.requests()) {
+            if Instant::now() >= deadline {
+                return Err(self.timed_out(what, limit));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Waits (blocking, polling) for a request matching `pred` (among all so far), up to `limit`.
+    pub fn wait_for(&self, what: &str, limit: Duration, pred: impl Fn(&Req) -> bool) -> Result<Req, String> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(r) = self.requests().into_iter().find(|r| pred(r)) {
-                return r;
+                return Ok(r);
             }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} within {limit:?}; requests:\n{}",
-                self.requests().iter().map(Req::describe).collect::<Vec<_>>().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            if Instant::now() >= deadline {
+                return Err(self.timed_out(what, limit));
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
     /// Stops serving: every stream ends.
     pub fn stop(mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        if let Some((stop, thread)) = self.stop.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
         }
     }
 }
 
 impl Drop for AdsServer {
     fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
+        self.halt();
     }
 }
