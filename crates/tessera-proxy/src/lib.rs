@@ -35,7 +35,7 @@ mod worker;
 pub use body::RespBody;
 pub use flags::ResponseFlags;
 pub use server::{ConfigDumpProvider, Options, Server, ServerState, StartError};
-pub use tls::SecretError;
+pub use tls::{ControlPlaneTls, SecretError};
 
 /// Loads every certificate, key and trust bundle `cfg` names, as the proxy would at start, and
 /// returns every failure, each naming the configuration place and the file (for `tessera

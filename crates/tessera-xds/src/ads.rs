@@ -36,8 +36,64 @@ pub trait Apply {
     fn endpoints(&self, cluster: &str, endpoints: &[model::Endpoint]) -> impl Future<Output = Result<(), String>>;
 }
 
+/// Any byte stream the gRPC connection can run over.
+pub trait AsyncIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> AsyncIo for T {}
+
+/// A boxed [`AsyncIo`].
+pub type BoxIo = Box<dyn AsyncIo>;
+
+/// TLS (or mTLS) towards the control plane: wraps each new TCP connection.
+pub trait Connect: Send + Sync + 'static {
+    /// Runs the handshake on `tcp`.
+    fn wrap(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<BoxIo>> + Send + 'static>>;
+}
+
+/// Dials the control plane for tonic: TCP (with TLS when set) or a Unix socket (`unix:PATH`).
+#[derive(Clone)]
+struct Dialer {
+    target: String,
+    tls: Option<Arc<dyn Connect>>,
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for Dialer {
+    type Response = hyper_util::rt::TokioIo<BoxIo>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, std::io::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let (target, tls) = (self.target.clone(), self.tls.clone());
+        Box::pin(async move {
+            let dial = async {
+                let io: BoxIo = if let Some(path) = target.strip_prefix("unix:") {
+                    Box::new(tokio::net::UnixStream::connect(path).await?)
+                } else {
+                    let tcp = tokio::net::TcpStream::connect(&target).await?;
+                    tcp.set_nodelay(true)?;
+                    match &tls {
+                        Some(t) => t.wrap(tcp).await?,
+                        None => Box::new(tcp),
+                    }
+                };
+                Ok::<_, std::io::Error>(io)
+            };
+            let io = tokio::time::timeout(Duration::from_secs(5), dial)
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting took over 5 s"))??;
+            Ok(hyper_util::rt::TokioIo::new(io))
+        })
+    }
+}
+
 /// How the client runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     /// The control plane and the node (from the bootstrap's `dynamic_resources`).
     pub dynamic: Dynamic,
@@ -53,11 +109,14 @@ pub struct Settings {
     pub max_message: usize,
     /// Send the node on the first request of a stream only (`set_node_on_first_message_only`).
     pub node_on_first_only: bool,
+    /// The handshake for the ADS cluster's `transport_socket`; required when it has one.
+    pub tls: Option<Arc<dyn Connect>>,
 }
 
 impl Settings {
     /// Envoy's defaults around `dynamic`.
     pub fn new(dynamic: Dynamic, base: model::Config) -> Settings {
+        let node_on_first_only = dynamic.node_on_first_only;
         Settings {
             dynamic,
             base,
@@ -65,7 +124,8 @@ impl Settings {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             max_message: 64 << 20,
-            node_on_first_only: false,
+            node_on_first_only,
+            tls: None,
         }
     }
 }
@@ -415,16 +475,17 @@ impl<A: Apply> Client<A> {
 
     async fn stream(&mut self) -> Result<(), String> {
         let d = self.settings.dynamic.clone();
-        if d.tls.is_some() {
-            return Err("TLS to the control plane is not built yet: use a plaintext ADS cluster".into());
+        if d.tls.is_some() && self.settings.tls.is_none() {
+            return Err("the ADS cluster has a transport_socket but no TLS connector was given".into());
         }
-        let uri = format!("http://{}", d.address);
-        let channel = tonic::transport::Endpoint::from_shared(uri)
-            .map_err(|e| format!("control plane address: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+        let dialer = Dialer {
+            target: d.address.clone(),
+            tls: self.settings.tls.clone(),
+        };
+        // The URI only names the :authority; the dialer decides where bytes go.
+        let channel = tonic::transport::Endpoint::from_static("http://xds.control-plane")
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect()
+            .connect_with_connector(dialer)
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", d.address))?;
         let mut client =

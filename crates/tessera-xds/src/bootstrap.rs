@@ -42,7 +42,11 @@ pub fn bootstrap(b: &Bootstrap) -> Result<model::Config, Vec<Unsupported>> {
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
     if let Some(s) = &b.static_resources {
+        let pipe = ads_pipe_cluster(b);
         for (i, c) in s.clusters.iter().enumerate() {
+            if pipe == Some(c.name.as_str()) {
+                continue;
+            }
             match crate::cluster::cluster(c, &format!("static_resources.clusters[{i}]")) {
                 Ok(c) => clusters.push(c),
                 Err(e) => e.into_iter().for_each(|u| p.add(u.path, u.reason)),
@@ -119,6 +123,44 @@ pub struct Dynamic {
     pub cds: bool,
     /// The node, as sent on the stream (id, cluster, metadata, locality).
     pub node: envoy_types::pb::envoy::config::core::v3::Node,
+    /// `ads_config.set_node_on_first_message_only` (Istio sets it).
+    pub node_on_first_only: bool,
+}
+
+/// The Unix socket path of a cluster's first endpoint (`pipe: {path}`), as Istio's bootstrap
+/// reaches istio-agent's xDS proxy.
+fn pipe_path(c: &envoy_types::pb::envoy::config::cluster::v3::Cluster) -> Option<String> {
+    use envoy_types::pb::envoy::config::core::v3::address;
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint;
+    let e = c.load_assignment.as_ref()?.endpoints.first()?.lb_endpoints.first()?;
+    let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+        return None;
+    };
+    match ep.address.as_ref()?.address.as_ref()? {
+        address::Address::Pipe(p) => Some(p.path.clone()),
+        _ => None,
+    }
+}
+
+/// The static cluster that carries ADS over a Unix socket: the ADS client dials it itself, and
+/// the proxy (which forwards TCP only) leaves it out.
+fn ads_pipe_cluster(b: &Bootstrap) -> Option<&str> {
+    use envoy_types::pb::envoy::config::core::v3::grpc_service;
+    let name = match b
+        .dynamic_resources
+        .as_ref()?
+        .ads_config
+        .as_ref()?
+        .grpc_services
+        .first()?
+        .target_specifier
+        .as_ref()?
+    {
+        grpc_service::TargetSpecifier::EnvoyGrpc(e) => e.cluster_name.as_str(),
+        grpc_service::TargetSpecifier::GoogleGrpc(_) => return None,
+    };
+    let c = b.static_resources.as_ref()?.clusters.iter().find(|c| c.name == name)?;
+    pipe_path(c).map(|_| name)
 }
 
 /// The ADS part of a bootstrap, if it has one; problems are listed with their paths.
@@ -182,13 +224,19 @@ pub fn dynamic(b: &Bootstrap) -> Result<Option<Dynamic>, Vec<Unsupported>> {
         }
     };
     let mut target = None;
+    let node_on_first_only = ads.set_node_on_first_message_only;
     if !cluster.is_empty() {
         let found = b
             .static_resources
             .iter()
             .flat_map(|s| s.clusters.iter())
             .find(|c| c.name == cluster);
-        match found.map(|c| crate::cluster::cluster(c, &format!("cluster \"{cluster}\""))) {
+        let pipe = found.and_then(pipe_path);
+        match found.map(|c| match &pipe {
+            Some(_) => Err(Vec::new()),
+            None => crate::cluster::cluster(c, &format!("cluster \"{cluster}\"")),
+        }) {
+            _ if pipe.is_some() => target = pipe.map(|path| (format!("unix:{path}"), None)),
             None => p.add(
                 "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
                 format!("no static cluster `{cluster}`"),
@@ -224,6 +272,7 @@ pub fn dynamic(b: &Bootstrap) -> Result<Option<Dynamic>, Vec<Unsupported>> {
         lds,
         cds,
         node,
+        node_on_first_only,
     }))
 }
 

@@ -361,6 +361,25 @@ impl AggregatedDiscoveryService for Svc {
     }
 }
 
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// One HTTP/2 connection.
+async fn connection<S>(stream: S, svc: AggregatedDiscoveryServiceServer<Svc>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let h = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let mut svc = svc.clone();
+        async move { tonic::codegen::Service::call(&mut svc, req).await }
+    });
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), h)
+        .await;
+}
+
 /// The server; dropping it (or [`AdsServer::stop`]) ends every stream.
 pub struct AdsServer {
     /// Where it listens.
@@ -374,18 +393,6 @@ impl AdsServer {
     /// (a restarted control plane reusing its address), on a runtime thread of its own.
     pub fn start(port: u16) -> std::io::Result<AdsServer> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (changed, _) = watch::channel(0);
-        let (raw, _) = broadcast::channel(16);
-        let shared = Arc::new(Shared {
-            snaps: Mutex::new(HashMap::new()),
-            changed,
-            log: Mutex::new(Vec::new()),
-            nonce: AtomicU64::new(0),
-            streams: AtomicU64::new(0),
-            raw,
-            delta_versions: Mutex::new(HashMap::new()),
-            sent: Mutex::new(Vec::new()),
-        });
         let listener = rt.block_on(async {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
@@ -400,31 +407,55 @@ impl AdsServer {
             }
         })?;
         let addr = listener.local_addr()?;
+        Self::serve(rt, addr, Listener::Tcp(listener))
+    }
+
+    /// Listens on the Unix socket `path` (Istio's sidecars reach istio-agent's xDS proxy so);
+    /// `addr` then reads 0.0.0.0:0.
+    pub fn start_unix(path: &std::path::Path) -> std::io::Result<AdsServer> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let _ = std::fs::remove_file(path);
+        let listener = rt.block_on(async { tokio::net::UnixListener::bind(path) })?;
+        Self::serve(rt, SocketAddr::from(([0, 0, 0, 0], 0)), Listener::Unix(listener))
+    }
+
+    fn serve(rt: tokio::runtime::Runtime, addr: SocketAddr, listener: Listener) -> std::io::Result<AdsServer> {
+        let (changed, _) = watch::channel(0);
+        let (raw, _) = broadcast::channel(16);
+        let shared = Arc::new(Shared {
+            snaps: Mutex::new(HashMap::new()),
+            changed,
+            log: Mutex::new(Vec::new()),
+            nonce: AtomicU64::new(0),
+            streams: AtomicU64::new(0),
+            raw,
+            delta_versions: Mutex::new(HashMap::new()),
+            sent: Mutex::new(Vec::new()),
+        });
         let svc = AggregatedDiscoveryServiceServer::new(Svc(shared.clone())).max_decoding_message_size(64 << 20);
         // Served by hyper's HTTP/2 server directly (tonic's own server needs its `router` feature).
-        let accept = async move {
+        let serving = async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let svc = svc.clone();
-                tokio::spawn(async move {
-                    let h = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let mut svc = svc.clone();
-                        async move { tonic::codegen::Service::call(&mut svc, req).await }
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), h)
-                        .await;
-                });
+                match &listener {
+                    Listener::Tcp(l) => {
+                        if let Ok((s, _)) = l.accept().await {
+                            let _ = s.set_nodelay(true);
+                            tokio::spawn(connection(s, svc.clone()));
+                        }
+                    }
+                    Listener::Unix(l) => {
+                        if let Ok((s, _)) = l.accept().await {
+                            tokio::spawn(connection(s, svc.clone()));
+                        }
+                    }
+                }
             }
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name("ads-server".into()).spawn(move || {
             rt.block_on(async {
                 tokio::select! {
-                    () = accept => {}
+                    () = serving => {}
                     _ = stopped => {}
                 }
             });

@@ -345,7 +345,7 @@ async fn sidecar(
             .await?
         }
         Some(d) => {
-            let client = tessera_xds::ads::Client::new(tessera_xds::ads::Settings::new(d, base), xds::ToProxy(&server));
+            let client = tessera_xds::ads::Client::new(xds::settings(d, base)?, xds::ToProxy(&server));
             let dump = client.dump();
             server.set_config_dump(Box::new(move || dump.load().to_json()));
             tokio::select! {

@@ -85,6 +85,38 @@ fn to_value(v: serde_json::Value) -> envoy_types::pb::google::protobuf::Value {
     Value { kind: Some(kind) }
 }
 
+/// The ADS cluster's TLS, as the ADS client's handshake.
+pub(crate) struct Tls(pub(crate) std::sync::Arc<tessera_proxy::ControlPlaneTls>);
+
+impl tessera_xds::ads::Connect for Tls {
+    fn wrap(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<tessera_xds::ads::BoxIo>> + Send + 'static>> {
+        let tls = self.0.clone();
+        Box::pin(async move {
+            let s = tls.connect(tcp).await?;
+            Ok(Box::new(s) as tessera_xds::ads::BoxIo)
+        })
+    }
+}
+
+/// Settings for the ADS client: Envoy's defaults, and the TLS of the ADS cluster when it has one
+/// (its certificates are loaded from `base`, the bootstrap's static part).
+pub(crate) fn settings(d: Dynamic, base: Config) -> anyhow::Result<tessera_xds::ads::Settings> {
+    let tls = match &d.tls {
+        Some(t) => {
+            let c = tessera_proxy::ControlPlaneTls::new(&base, t)
+                .map_err(|e| anyhow::anyhow!("cluster `{}` (the ADS server): tls: {e}", d.cluster))?;
+            Some(std::sync::Arc::new(Tls(std::sync::Arc::new(c))) as std::sync::Arc<dyn tessera_xds::ads::Connect>)
+        }
+        None => None,
+    };
+    let mut s = tessera_xds::ads::Settings::new(d, base);
+    s.tls = tls;
+    Ok(s)
+}
+
 /// Applies what the ADS client accepted to the running proxy.
 pub(crate) struct ToProxy<'a>(pub(crate) &'a Server);
 

@@ -645,3 +645,189 @@ fn differential(api_type: &str) {
         nack(&sides[1].1)
     );
 }
+
+/// Envoy terminating mTLS in front of a plaintext ADS server: a real TLS peer for the control
+/// plane connection.
+fn envoy_mtls_front(envoy: &std::path::Path, dir: &TempDir, pki: &Pki, ads: SocketAddr) -> (Proc, u16) {
+    let (cert, key) = pki.issue("xds-server", "xds.mesh.test", "DNS:xds.mesh.test");
+    let port = free_port();
+    let cfg = format!(
+        r#"static_resources:
+  listeners:
+  - name: xds-tls
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificates: [{{certificate_chain: {{filename: {cert}}}, private_key: {{filename: {key}}}}}]
+            validation_context: {{trusted_ca: {{filename: {ca}}}}}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: xds
+          cluster: ads
+  clusters:
+  - name: ads
+    type: STATIC
+    load_assignment:
+      cluster_name: ads
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}}}}}}}]}}]
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        ca = pki.ca.display(),
+        ads_port = ads.port(),
+    );
+    let f = dir.write("front.yaml", &cfg);
+    let p = spawn_envoy(envoy, &f, port);
+    wait_port(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(30));
+    (p, port)
+}
+
+/// The ADS cluster with an UpstreamTlsContext: mTLS to the control plane (through Envoy).
+#[test]
+fn the_control_plane_is_reached_over_mtls() {
+    let Some(envoy) = envoy_bin() else {
+        eprintln!("SKIPPED: no bench/.venv Envoy (scripts/test installs it)");
+        return;
+    };
+    let ads = ads_start(0);
+    let s1 = sample_service("one");
+    let port = free_port();
+    ads.set(CLUSTER, "1", vec![eds_cluster("backend")]);
+    ads.set(ENDPOINT, "1", vec![cla("backend", &[s1.1])]);
+    ads.set(LISTENER, "1", vec![rds_listener("ingress", port, "routes")]);
+    ads.set(ROUTE, "1", vec![routes("routes", &[("/", "backend")], "v1")]);
+    let pki = Pki::new("xds-mtls");
+    let dir = TempDir::new("xds-mtls");
+    let (_front, front) = envoy_mtls_front(&envoy, &dir, &pki, ads.addr);
+    let (cert, key) = pki.issue("sidecar", "web", "URI:spiffe://cluster.local/ns/default/sa/web");
+    let tls = |with_cert: bool| {
+        let certs = if with_cert {
+            format!(
+                "\n          tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]",
+                cert.display(),
+                key.display()
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: xds.mesh.test
+        common_tls_context:{certs}
+          validation_context:
+            trusted_ca: {{filename: {}}}
+            match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: xds.mesh.test}}}}]
+"#,
+            pki.ca.display()
+        )
+    };
+    let boot = |with_cert: bool| {
+        let b = ads_bootstrap(SocketAddr::from(([127, 0, 0, 1], front)), 0, "GRPC");
+        b.replace(
+            "    load_assignment:\n      cluster_name: xds-grpc",
+            &format!("{}    load_assignment:\n      cluster_name: xds-grpc", tls(with_cert)),
+        )
+    };
+
+    // Without a client certificate the control plane refuses the handshake: no configuration.
+    let f = dir.write("nocert.yaml", &boot(false));
+    let refused = Proc::tessera(&["sidecar", "--envoy-bootstrap", f.to_str().unwrap()]);
+    refused.wait_log("ADS stream failed", T);
+    assert!(ads.requests().is_empty(), "nothing reached the control plane");
+    drop(refused);
+
+    let f = dir.write("mtls.yaml", &boot(true));
+    let sidecar = Proc::tessera(&["sidecar", "--envoy-bootstrap", f.to_str().unwrap()]);
+    sidecar.wait_log("ADS stream open", T);
+    wait_status(&format!("http://127.0.0.1:{port}/"), "200", T);
+    ads.wait_for("RDS ACK over mTLS", T, |r| ack(r, ROUTE, "1")).unwrap();
+}
+
+/// Istio's bootstrap reaches istio-agent's xDS proxy over a Unix socket (`pipe`), with the node
+/// on the first message only and delta ADS.
+#[test]
+fn istio_style_bootstrap_over_a_unix_socket() {
+    let dir = TempDir::new("xds-uds");
+    let sock = dir.path("XDS");
+    let ads = AdsServer::start_unix(&sock).unwrap();
+    let s1 = sample_service("one");
+    let port = free_port();
+    ads.set(CLUSTER, "1", vec![eds_cluster("backend")]);
+    ads.set(ENDPOINT, "1", vec![cla("backend", &[s1.1])]);
+    ads.set(LISTENER, "1", vec![rds_listener("ingress", port, "routes")]);
+    ads.set(ROUTE, "1", vec![routes("routes", &[("/", "backend")], "v1")]);
+    let boot = format!(
+        r#"node:
+  id: sidecar~10.1.2.3~web-1.default~default.svc.cluster.local
+  cluster: web.default
+  metadata: {{NAMESPACE: default, ISTIO_VERSION: "1.24.0", CLUSTER_ID: Kubernetes, LABELS: {{app: web}}}}
+dynamic_resources:
+  ads_config:
+    api_type: DELTA_GRPC
+    transport_api_version: V3
+    set_node_on_first_message_only: true
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
+  cds_config: {{ads: {{}}, initial_fetch_timeout: 0s, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, initial_fetch_timeout: 0s, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: {}}}}}}}}}]}}]
+"#,
+        sock.display()
+    );
+    let f = dir.write("istio.yaml", &boot);
+    let check = std::process::Command::new(bin())
+        .args(["check", "--envoy-bootstrap", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("OK as an Envoy bootstrap"),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let _sidecar = Proc::tessera(&[
+        "sidecar",
+        "--envoy-bootstrap",
+        f.to_str().unwrap(),
+        "--node-meta",
+        "NETWORK=net-1",
+    ]);
+    wait_status(&format!("http://127.0.0.1:{port}/"), "200", T);
+    let reqs = ads.requests();
+    assert!(reqs.iter().all(|r| r.delta));
+    assert_eq!(
+        reqs[0].node_id.as_deref(),
+        Some("sidecar~10.1.2.3~web-1.default~default.svc.cluster.local")
+    );
+    for k in ["NAMESPACE", "ISTIO_VERSION", "CLUSTER_ID", "LABELS", "NETWORK"] {
+        assert!(
+            reqs[0].node_meta.iter().any(|m| m == k),
+            "{k} in {:?}",
+            reqs[0].node_meta
+        );
+    }
+    assert!(
+        reqs[1..].iter().all(|r| r.node_id.is_none()),
+        "the node goes on the first message only"
+    );
+}

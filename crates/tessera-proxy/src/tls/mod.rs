@@ -884,3 +884,29 @@ pub(crate) fn check_all(cfg: &Config) -> Vec<String> {
 
 #[cfg(test)]
 mod tests;
+
+/// TLS, or mTLS with a client certificate, towards a control plane: the ADS cluster's
+/// `transport_socket`, with certificates and CAs loaded as for any cluster (re-read when the
+/// files change) and ALPN `h2` for gRPC.
+pub struct ControlPlaneTls(ClientTls);
+
+impl ControlPlaneTls {
+    /// Loads what `tls` names; `cfg` is the configuration that defines it (its secrets). Reads
+    /// files: call at startup or from a blocking thread.
+    pub fn new(cfg: &Config, tls: &UpstreamTls) -> Result<ControlPlaneTls, String> {
+        let stats = Stats::default();
+        let secrets = SecretSet::build(cfg, &SecretSet::default(), &stats).map_err(|e| e.to_string())?;
+        let ssl = Arc::new(SslStats::new(&stats, &crate::stats::Scope::plain("xds")));
+        let client = ClientTls::new(tls.clone(), secrets.deps_for(&tls.common), ssl)?;
+        Ok(ControlPlaneTls(client))
+    }
+
+    /// The client handshake on a connected socket.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+    ) -> io::Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> {
+        let ip = tcp.peer_addr()?.ip();
+        self.0.connect(tcp, ip, Alpn::Http2).await.map_err(|(_, e)| e)
+    }
+}
