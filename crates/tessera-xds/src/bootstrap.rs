@@ -41,6 +41,7 @@ pub fn bootstrap(b: &Bootstrap) -> Result<model::Config, Vec<Unsupported>> {
     };
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
+    let mut secrets = Vec::new();
     if let Some(s) = &b.static_resources {
         let pipe = ads_pipe_cluster(b);
         for (i, c) in s.clusters.iter().enumerate() {
@@ -58,11 +59,11 @@ pub fn bootstrap(b: &Bootstrap) -> Result<model::Config, Vec<Unsupported>> {
                 Err(e) => e.into_iter().for_each(|u| p.add(u.path, u.reason)),
             }
         }
-        if !s.secrets.is_empty() {
-            p.add(
-                "static_resources.secrets",
-                "secrets from a bootstrap are not supported yet",
-            );
+        for (i, sec) in s.secrets.iter().enumerate() {
+            match crate::tls::secret(sec, &format!("static_resources.secrets[{i}]")) {
+                Ok(sec) => secrets.push(sec),
+                Err(e) => e.into_iter().for_each(|u| p.add(u.path, u.reason)),
+            }
         }
     }
     // Cross references Envoy checks at load: every route and TCP proxy names a known cluster.
@@ -92,7 +93,7 @@ pub fn bootstrap(b: &Bootstrap) -> Result<model::Config, Vec<Unsupported>> {
         drain_time: model::DEFAULT_DRAIN_TIME,
         listeners,
         clusters,
-        secrets: Vec::new(),
+        secrets,
         telemetry: None,
     })
 }

@@ -18,7 +18,7 @@ pub(crate) const FAULT: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault
 pub(crate) const LOCAL_RATELIMIT: &str = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 
 /// A fractional percent as 0 to 100.
-fn percent(f: Option<&FractionalPercent>) -> f64 {
+pub(crate) fn percent(f: Option<&FractionalPercent>) -> f64 {
     let Some(f) = f else { return 0.0 };
     let scale = match f.denominator {
         1 => 10_000.0,

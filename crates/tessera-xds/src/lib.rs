@@ -18,7 +18,7 @@ pub mod load;
 mod rbac;
 pub mod route;
 pub mod server;
-mod tls;
+pub mod tls;
 
 /// One thing a resource asks for that Tessera cannot honour, or that is malformed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,6 +57,13 @@ impl Problems {
     /// True when nothing was recorded.
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    /// Moves `other`'s problems into these; true when it had none.
+    pub(crate) fn absorb(&mut self, other: Problems) -> bool {
+        let clean = other.list.is_empty();
+        self.list.extend(other.list);
+        clean
     }
 }
 

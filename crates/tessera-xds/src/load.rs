@@ -95,7 +95,9 @@ pub fn any_to_json(any: &envoy_types::pb::google::protobuf::Any) -> Value {
     let decoded = POOL.as_ref().ok().and_then(|pool| {
         let desc = pool.get_message_by_name(name)?;
         let msg = DynamicMessage::decode(desc, any.value.as_slice()).ok()?;
-        serde_json::to_value(&msg).ok()
+        // Envoy's /config_dump writes the proto field names (snake_case), not JSON's camelCase.
+        let opts = prost_reflect::SerializeOptions::new().use_proto_field_name(true);
+        msg.serialize_with_options(serde_json::value::Serializer, &opts).ok()
     });
     match decoded {
         Some(Value::Object(mut m)) => {

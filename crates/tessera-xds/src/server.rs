@@ -25,7 +25,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-pub use crate::ads::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+pub use crate::ads::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
 /// A resource from protobuf JSON (Envoy's field names), through the built-in descriptors.
 pub fn any(type_url: &str, json: serde_json::Value) -> Result<Any, String> {
@@ -146,6 +146,8 @@ fn name_of(any: &Any) -> String {
         CLUSTER => envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(any.value.as_slice()).map(|x| x.name),
         ENDPOINT => envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(any.value.as_slice())
             .map(|x| x.cluster_name),
+        SECRET => envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::decode(any.value.as_slice())
+            .map(|x| x.name),
         _ => Ok(String::new()),
     };
     n.unwrap_or_default()

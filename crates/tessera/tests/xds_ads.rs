@@ -12,7 +12,7 @@ use common::*;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::google::protobuf::Any;
 use serde_json::json;
-use tessera_xds::server::{AdsServer, CLUSTER, ENDPOINT, LISTENER, ROUTE, Req};
+use tessera_xds::server::{AdsServer, CLUSTER, ENDPOINT, LISTENER, ROUTE, Req, SECRET};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -829,5 +829,86 @@ static_resources:
     assert!(
         reqs[1..].iter().all(|r| r.node_id.is_none()),
         "the node goes on the first message only"
+    );
+}
+
+fn tls_secret(name: &str, cert: &std::path::Path, key: &std::path::Path) -> Any {
+    any(
+        SECRET,
+        json!({"name": name, "tls_certificate": {
+            "certificate_chain": {"inline_string": std::fs::read_to_string(cert).unwrap()},
+            "private_key": {"inline_string": std::fs::read_to_string(key).unwrap()}}}),
+    )
+}
+
+/// A listener whose certificate comes over SDS (Istio's `default`), then rotates.
+#[test]
+fn sds_certificates_arrive_and_rotate_over_ads() {
+    let pki = Pki::new("xds-sds");
+    let (c1, k1) = pki.issue("web-v1", "web-v1", "DNS:web.mesh.test");
+    let (c2, k2) = pki.issue("web-v2", "web-v2", "DNS:web.mesh.test");
+    let ads = ads_start(0);
+    let s1 = sample_service("one");
+    let port = free_port();
+    let mut l: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(
+        &tessera_xds::load::any_to_json(&rds_listener("ingress", port, "routes"))
+            .to_string()
+            .into_bytes(),
+    ))
+    .unwrap();
+    l.as_object_mut().unwrap().remove("@type");
+    l["filter_chains"][0]["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": {"tls_certificate_sds_secret_configs": [
+            {"name": "default", "sds_config": {"ads": {}, "resource_api_version": "V3"}}]}}});
+    ads.set(SECRET, "1", vec![tls_secret("default", &c1, &k1)]);
+    ads.set(CLUSTER, "1", vec![eds_cluster("backend")]);
+    ads.set(ENDPOINT, "1", vec![cla("backend", &[s1.1])]);
+    ads.set(LISTENER, "1", vec![any(LISTENER, l)]);
+    ads.set(ROUTE, "1", vec![routes("routes", &[("/", "backend")], "v1")]);
+    let dir = TempDir::new("xds-sds");
+    let boot = dir.write("b.yaml", &ads_bootstrap(ads.addr, 0, "GRPC"));
+    let sidecar = Proc::tessera(&["sidecar", "--envoy-bootstrap", boot.to_str().unwrap()]);
+    let admin = sidecar.logged_addr("admin API ready", T);
+    let served_by = || {
+        let out = curl(&[
+            "-v",
+            "--cacert",
+            pki.ca.to_str().unwrap(),
+            "--resolve",
+            &format!("web.mesh.test:{port}:127.0.0.1"),
+            &format!("https://web.mesh.test:{port}/"),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        let cn = err
+            .lines()
+            .find_map(|l| l.split("subject: CN=").nth(1))
+            .map(|s| s.trim().to_string());
+        (cn, body.contains("hello from one"))
+    };
+    wait_until("HTTPS with the SDS certificate", T, || {
+        served_by() == (Some("web-v1".into()), true)
+    });
+    let asked = ads
+        .wait_for("an SDS request", T, |r| r.type_url == SECRET && r.names == ["default"])
+        .unwrap();
+    assert!(asked.error.is_none());
+
+    ads.set(SECRET, "2", vec![tls_secret("default", &c2, &k2)]);
+    ads.wait_for("SDS ACK v2", T, |r| ack(r, SECRET, "2")).unwrap();
+    wait_until("the rotated certificate", T, || {
+        served_by() == (Some("web-v2".into()), true)
+    });
+
+    let d = config_dump(admin);
+    let secrets = dump_of(&d, "SecretsConfigDump");
+    let s = &secrets["dynamic_active_secrets"][0];
+    assert_eq!(s["name"], "default");
+    assert_eq!(s["version_info"], "2");
+    let text = secrets.to_string();
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "the key never reaches /config_dump: {text}"
     );
 }

@@ -23,7 +23,7 @@ pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfigur
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Endpoints (EDS).
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-/// Secrets (SDS); not followed yet.
+/// Secrets (SDS).
 pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// A resource type, in the order Envoy asks for them.
@@ -37,11 +37,13 @@ pub enum Ty {
     Listener = 2,
     /// RDS.
     Route = 3,
+    /// SDS.
+    Secret = 4,
 }
 
 impl Ty {
     /// All of them, in request order.
-    pub const ALL: [Ty; 4] = [Ty::Cluster, Ty::Endpoint, Ty::Listener, Ty::Route];
+    pub const ALL: [Ty; 5] = [Ty::Cluster, Ty::Endpoint, Ty::Listener, Ty::Route, Ty::Secret];
 
     /// The type URL.
     pub fn url(self) -> &'static str {
@@ -50,6 +52,7 @@ impl Ty {
             Ty::Endpoint => ENDPOINT,
             Ty::Listener => LISTENER,
             Ty::Route => ROUTE,
+            Ty::Secret => SECRET,
         }
     }
 
@@ -70,6 +73,7 @@ impl Ty {
             Ty::Endpoint => "ClusterLoadAssignment",
             Ty::Listener => "Listener",
             Ty::Route => "RouteConfiguration",
+            Ty::Secret => "Secret",
         }
     }
 }
@@ -78,10 +82,12 @@ impl Ty {
 #[derive(Debug)]
 pub enum Model {
     /// A listener is converted again whenever its routes change, so the proto is kept; with the
-    /// route configurations it takes from RDS.
-    Listener(Box<Listener>, Vec<String>),
+    /// route configurations it takes from RDS and the secrets its TLS names.
+    Listener(Box<Listener>, Vec<String>, Vec<String>),
     /// A cluster, and the EDS name it takes endpoints from.
     Cluster(Box<model::Cluster>, Option<String>),
+    /// A secret (certificate and key, or trust bundle).
+    Secret(Box<model::Secret>),
     /// A route configuration.
     Route(Box<model::RouteConfig>),
     /// The endpoints of a load assignment.
@@ -150,15 +156,17 @@ pub struct Change {
 #[derive(Debug)]
 pub struct State {
     /// Accepted resources, per type (indexed by `Ty as usize`).
-    pub resources: [BTreeMap<String, Arc<Stored>>; 4],
+    pub resources: [BTreeMap<String, Arc<Stored>>; 5],
     /// Bookkeeping per type.
-    pub types: [TypeState; 4],
+    pub types: [TypeState; 5],
     /// Names wanted and not yet received, since when.
     waiting: HashMap<(Ty, String), Instant>,
     /// Names the control plane did not send within `absent_after`, or removed: known to be empty.
     absent: BTreeSet<(Ty, String)>,
     /// How long a wanted resource may take before it counts as absent (Envoy: 15 s).
     pub absent_after: Duration,
+    /// Secrets the bootstrap defines: never asked for over SDS.
+    pub static_secrets: BTreeSet<String>,
 }
 
 impl State {
@@ -170,6 +178,7 @@ impl State {
             waiting: HashMap::new(),
             absent: BTreeSet::new(),
             absent_after,
+            static_secrets: BTreeSet::new(),
         }
     }
 
@@ -306,9 +315,18 @@ impl State {
                 let l = Listener::decode(any.value.as_slice()).map_err(bad)?;
                 let at = format!("listener \"{}\"", l.name);
                 // Routes are validated when RDS brings them; here the listener's own fields.
-                crate::listener::listener_with_rds(&l, &at, Some(&|_| None)).map_err(|e| problems(&l.name, e))?;
+                let m =
+                    crate::listener::listener_with_rds(&l, &at, Some(&|_| None)).map_err(|e| problems(&l.name, e))?;
                 let rds = crate::listener::rds_names(&l);
-                Ok((l.name.clone(), Model::Listener(Box::new(l), rds)))
+                let mut sds: Vec<String> = m
+                    .filter_chains
+                    .iter()
+                    .filter_map(|c| c.tls.as_ref())
+                    .flat_map(|t| t.common.secret_names().map(str::to_string))
+                    .collect();
+                sds.sort();
+                sds.dedup();
+                Ok((l.name.clone(), Model::Listener(Box::new(l), rds, sds)))
             }
             Ty::Cluster => {
                 let c = Cluster::decode(any.value.as_slice()).map_err(bad)?;
@@ -337,32 +355,48 @@ impl State {
                 }
                 Ok((cla.cluster_name, Model::Endpoints(eps)))
             }
+            Ty::Secret => {
+                let sec = envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::decode(
+                    any.value.as_slice(),
+                )
+                .map_err(bad)?;
+                let at = format!("secret \"{}\"", sec.name);
+                let m = crate::tls::secret(&sec, &at).map_err(|e| problems(&sec.name, e))?;
+                Ok((sec.name, Model::Secret(Box::new(m))))
+            }
         }
     }
 
-    /// The names listeners (RDS) and clusters (EDS) reference now.
-    fn wanted(&self) -> [BTreeSet<String>; 2] {
+    /// The names listeners (RDS, SDS) and clusters (EDS, SDS) reference now.
+    fn wanted(&self, static_secrets: &BTreeSet<String>) -> [BTreeSet<String>; 3] {
         let mut rds = BTreeSet::new();
+        let mut sds = BTreeSet::new();
         for s in self.of(Ty::Listener).values() {
-            if let Model::Listener(_, names) = &s.model {
+            if let Model::Listener(_, names, secrets) = &s.model {
                 rds.extend(names.iter().cloned());
+                sds.extend(secrets.iter().cloned());
             }
         }
         let mut eds = BTreeSet::new();
         for s in self.of(Ty::Cluster).values() {
-            if let Model::Cluster(_, Some(n)) = &s.model {
-                eds.insert(n.clone());
+            if let Model::Cluster(c, eds_name) = &s.model {
+                eds.extend(eds_name.iter().cloned());
+                if let Some(t) = &c.tls {
+                    sds.extend(t.common.secret_names().map(str::to_string));
+                }
             }
         }
-        [rds, eds]
+        // Secrets the bootstrap defines are not asked for.
+        sds.retain(|n| !static_secrets.contains(n));
+        [rds, eds, sds]
     }
 
     /// Follows what is referenced: new names are asked for (and timed), names nothing references
     /// any more are dropped (RDS and EDS are deleted implicitly).
     fn resubscribe(&mut self, now: Instant) -> Vec<(Ty, Vec<String>, Vec<String>)> {
-        let [rds, eds] = self.wanted();
+        let [rds, eds, sds] = self.wanted(&self.static_secrets);
         let mut out = Vec::new();
-        for (ty, want) in [(Ty::Endpoint, eds), (Ty::Route, rds)] {
+        for (ty, want) in [(Ty::Endpoint, eds), (Ty::Route, rds), (Ty::Secret, sds)] {
             let have = &self.types[ty as usize].names;
             if *have == want {
                 continue;
@@ -466,7 +500,7 @@ impl State {
             _ => None,
         };
         for (name, s) in self.of(Ty::Listener) {
-            let Model::Listener(l, _) = &s.model else { continue };
+            let Model::Listener(l, _, _) = &s.model else { continue };
             if cfg.listeners.iter().any(|x| x.name == *name) {
                 return Err(format!(
                     "listener `{name}` is defined both in static_resources and by LDS"
@@ -478,6 +512,15 @@ impl State {
                 list.join("; ")
             })?;
             cfg.listeners.push(l);
+        }
+        for (name, s) in self.of(Ty::Secret) {
+            let Model::Secret(sec) = &s.model else { continue };
+            if cfg.secrets.iter().any(|x| x.name == *name) {
+                return Err(format!(
+                    "secret `{name}` is defined both in static_resources and by SDS"
+                ));
+            }
+            cfg.secrets.push((**sec).clone());
         }
         let mut missing = BTreeSet::new();
         for l in &cfg.listeners {
