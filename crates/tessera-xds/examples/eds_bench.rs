@@ -391,10 +391,12 @@ fn run(target: &'static str, program: &Path, a: &Args, backend: SocketAddr, dir:
     let envoy_allocated = (target == "envoy")
         .then(|| {
             let mut c = TcpStream::connect(("127.0.0.1", admin)).ok()?;
-            c.write_all(b"GET /memory HTTP/1.0\r\n\r\n").ok()?;
+            c.write_all(b"GET /memory HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+                .ok()?;
             let mut s = String::new();
             c.read_to_string(&mut s).ok()?;
-            let body = s.split("\r\n\r\n").nth(1)?;
+            // One small JSON object, whatever the framing (Envoy may chunk it).
+            let body = &s[s.find('{')?..=s.rfind('}')?];
             let v: serde_json::Value = serde_json::from_str(body).ok()?;
             v["allocated"].as_str()?.parse().ok()
         })

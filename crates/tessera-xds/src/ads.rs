@@ -584,6 +584,7 @@ impl<A: Apply> Client<A> {
             )
         });
         let n = inc.resources.len();
+        let started = Instant::now();
         match self.state.accept(inc, Instant::now()) {
             Err(e) => {
                 tracing::warn!(type_url = %type_url, version = %version, error = %e, "NACK: configuration rejected; keeping the last good one");
@@ -594,9 +595,17 @@ impl<A: Apply> Client<A> {
                 for (t, added, removed) in change.subscriptions.iter().cloned() {
                     out.subscribe(&self.state, t, added, removed);
                 }
+                let decoded = started.elapsed();
                 match self.apply_change(&change).await {
                     Ok(()) => {
-                        tracing::debug!(type_url = %type_url, version = %version, resources = n, "ACK");
+                        tracing::debug!(
+                            type_url = %type_url,
+                            version = %version,
+                            resources = n,
+                            decode = ?decoded,
+                            total = ?started.elapsed(),
+                            "ACK"
+                        );
                         out.answer(&self.state, &type_url, &nonce, None);
                     }
                     Err(e) => {
@@ -659,9 +668,14 @@ impl<A: Apply> Client<A> {
             self.dirty = false;
             return Ok(());
         }
+        if change.endpoints.is_empty() {
+            return Ok(());
+        }
+        // Which clusters take each EDS name, once per push (a push may name every cluster).
+        let users = self.state.clusters_by_eds_name();
         for eds in &change.endpoints {
-            for cluster in self.state.clusters_of(eds) {
-                self.apply.endpoints(&cluster, self.state.endpoints(eds)).await?;
+            for cluster in users.get(eds.as_str()).into_iter().flatten() {
+                self.apply.endpoints(cluster, self.state.endpoints(eds)).await?;
             }
         }
         Ok(())

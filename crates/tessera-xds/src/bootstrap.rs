@@ -286,10 +286,15 @@ pub(crate) fn referenced_clusters(f: &model::NetworkFilter) -> Vec<&str> {
             .iter()
             .flat_map(|vh| vh.routes.iter())
             .flat_map(|r| match &r.action {
-                model::RouteAction::Route(f) => match &f.cluster {
-                    model::ClusterSpecifier::Cluster(c) => vec![c.as_str()],
-                    model::ClusterSpecifier::WeightedClusters(w) => w.iter().map(|c| c.name.as_str()).collect(),
-                },
+                model::RouteAction::Route(f) => {
+                    let mut names: Vec<&str> = match &f.cluster {
+                        model::ClusterSpecifier::Cluster(c) => vec![c.as_str()],
+                        model::ClusterSpecifier::WeightedClusters(w) => w.iter().map(|c| c.name.as_str()).collect(),
+                    };
+                    // Mirrors need their clusters too.
+                    names.extend(f.request_mirror_policies.iter().map(|m| m.cluster.as_str()));
+                    names
+                }
                 _ => Vec::new(),
             })
             .collect(),

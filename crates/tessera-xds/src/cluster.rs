@@ -934,7 +934,8 @@ pub fn load_assignment(cla: &ClusterLoadAssignment, at: &str, p: &mut Problems) 
         });
         let locality = locality.filter(|l| !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty()));
         for (ei, e) in group.lb_endpoints.iter().enumerate() {
-            let here = format!("{at}.endpoints[{li}].lb_endpoints[{ei}]");
+            // Paths are only formatted for problems: a push may carry tens of thousands of endpoints.
+            let here = || format!("{at}.endpoints[{li}].lb_endpoints[{ei}]");
             if matches!(
                 HealthStatus::try_from(e.health_status),
                 Ok(HealthStatus::Unhealthy | HealthStatus::Draining | HealthStatus::Timeout)
@@ -944,25 +945,25 @@ pub fn load_assignment(cla: &ClusterLoadAssignment, at: &str, p: &mut Problems) 
             let endpoint = match &e.host_identifier {
                 Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => ep,
                 Some(lb_endpoint::HostIdentifier::EndpointName(n)) => {
-                    p.add(&here, format!("named endpoint `{n}` is not supported"));
+                    p.add(here(), format!("named endpoint `{n}` is not supported"));
                     continue;
                 }
                 None => {
-                    p.add(&here, "an endpoint needs an address");
+                    p.add(here(), "an endpoint needs an address");
                     continue;
                 }
             };
             let Some((host, port)) = endpoint
                 .address
                 .as_ref()
-                .and_then(|a| socket(a, &format!("{here}.endpoint.address"), p))
+                .and_then(|a| socket(a, &|| format!("{}.endpoint.address", here()), p))
             else {
                 continue;
             };
             let weight = e.load_balancing_weight.as_ref().map_or(1, |w| w.value);
             if !(1..=128).contains(&weight) {
                 p.add(
-                    format!("{here}.load_balancing_weight"),
+                    format!("{}.load_balancing_weight", here()),
                     format!("{weight} is outside 1..=128"),
                 );
             }
@@ -985,11 +986,11 @@ pub fn load_assignment(cla: &ClusterLoadAssignment, at: &str, p: &mut Problems) 
 }
 
 /// `host` and `port` of a socket address.
-fn socket(a: &Address, at: &str, p: &mut Problems) -> Option<(String, u16)> {
+fn socket(a: &Address, at: &dyn Fn() -> String, p: &mut Problems) -> Option<(String, u16)> {
     match &a.address {
         Some(address::Address::SocketAddress(s)) => {
             if s.protocol != socket_address::Protocol::Tcp as i32 {
-                p.add(format!("{at}.socket_address.protocol"), "only TCP is supported");
+                p.add(format!("{}.socket_address.protocol", at()), "only TCP is supported");
                 return None;
             }
             match &s.port_specifier {
@@ -997,7 +998,7 @@ fn socket(a: &Address, at: &str, p: &mut Problems) -> Option<(String, u16)> {
                     Ok(port) if port != 0 => Some((s.address.clone(), port)),
                     _ => {
                         p.add(
-                            format!("{at}.socket_address.port_value"),
+                            format!("{}.socket_address.port_value", at()),
                             format!("{port} is not a port"),
                         );
                         None
@@ -1005,20 +1006,20 @@ fn socket(a: &Address, at: &str, p: &mut Problems) -> Option<(String, u16)> {
                 },
                 Some(socket_address::PortSpecifier::NamedPort(n)) => {
                     p.add(
-                        format!("{at}.socket_address.named_port"),
+                        format!("{}.socket_address.named_port", at()),
                         format!("named port `{n}` is not supported"),
                     );
                     None
                 }
                 None => {
-                    p.add(format!("{at}.socket_address"), "a port_value is required");
+                    p.add(format!("{}.socket_address", at()), "a port_value is required");
                     None
                 }
             }
         }
         _ => {
             p.add(
-                at,
+                at(),
                 "only socket addresses are supported (no pipes or internal addresses)",
             );
             None

@@ -19,6 +19,7 @@ mod rbac;
 pub mod route;
 pub mod server;
 pub mod tls;
+mod typed_struct;
 
 /// One thing a resource asks for that Tessera cannot honour, or that is malformed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -34,6 +34,14 @@ pub const NO_OP_HTTP_FILTERS: &[&str] = &[
     "envoy.filters.http.grpc_stats",
 ];
 
+/// Network filters accepted and not run, for the same reason: Istio's peer metadata exchange and
+/// TCP stats, which Tessera's Report replaces.
+pub const NO_OP_NETWORK_FILTERS: &[&str] = &[
+    "istio.metadata_exchange",
+    "istio.stats",
+    "envoy.filters.network.metadata_exchange",
+];
+
 /// The type name of an `Any` (`type.googleapis.com/a.b.C` → `a.b.C`).
 pub(crate) fn type_name(any: &Any) -> &str {
     any.type_url.rsplit('/').next().unwrap_or("")
@@ -221,11 +229,22 @@ fn chain(
             );
             continue;
         };
+        let any = match crate::typed_struct::unwrap(any) {
+            Ok(a) => a,
+            Err(e) => {
+                p.add(format!("{here}.typed_config"), e);
+                continue;
+            }
+        };
+        // Istio's TCP telemetry filters ahead of the TCP proxy: Report does their work.
+        if NO_OP_NETWORK_FILTERS.contains(&f.name.as_str()) {
+            continue;
+        }
         if network.is_some() {
             p.add(&here, "only one terminal network filter per chain is supported");
             continue;
         }
-        network = match type_name(any) {
+        network = match type_name(&any) {
             HCM => match HttpConnectionManager::decode(any.value.as_slice()) {
                 Ok(h) => {
                     hcm(&h, rds, &format!("{here}.typed_config"), p).map(|h| model::NetworkFilter::Http(Box::new(h)))
@@ -341,10 +360,18 @@ fn hcm(
     let n = h.http_filters.len();
     for (i, f) in h.http_filters.iter().enumerate() {
         let here = format!("{at}.http_filters[{i}]");
-        let type_url = match &f.config_type {
-            Some(http_filter::ConfigType::TypedConfig(a)) => type_name(a).to_string(),
-            _ => String::new(),
+        // Istio wraps its own filters' configs in a TypedStruct: look inside.
+        let unwrapped = match &f.config_type {
+            Some(http_filter::ConfigType::TypedConfig(a)) => match crate::typed_struct::unwrap(a) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    p.add(format!("{here}.typed_config"), e);
+                    continue;
+                }
+            },
+            _ => None,
         };
+        let type_url = unwrapped.as_deref().map(type_name).unwrap_or("").to_string();
         let is_router = f.name == "envoy.filters.http.router" || type_url == ROUTER;
         if is_router {
             if i + 1 != n {
@@ -355,7 +382,7 @@ fn hcm(
         if f.disabled {
             continue;
         }
-        if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type {
+        if let Some(any) = unwrapped.as_deref() {
             let tat = format!("{here}.typed_config");
             match type_url.as_str() {
                 crate::http_filters::FAULT => {

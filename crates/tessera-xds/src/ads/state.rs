@@ -468,6 +468,17 @@ impl State {
             .collect()
     }
 
+    /// Every EDS name with the clusters that take their endpoints from it.
+    pub fn clusters_by_eds_name(&self) -> std::collections::HashMap<&str, Vec<&str>> {
+        let mut out: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();
+        for (name, s) in self.of(Ty::Cluster) {
+            if let Model::Cluster(_, Some(eds)) = &s.model {
+                out.entry(eds.as_str()).or_default().push(name.as_str());
+            }
+        }
+        out
+    }
+
     /// The endpoints EDS gave for `eds` (empty while absent).
     pub fn endpoints(&self, eds: &str) -> &[model::Endpoint] {
         match self.of(Ty::Endpoint).get(eds).map(|s| &s.model) {
