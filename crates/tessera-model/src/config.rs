@@ -62,6 +62,13 @@ pub struct Listener {
     /// On that timeout, pick a chain with what was seen so far instead of closing (Istio's
     /// protocol sniffing for server-first protocols).
     pub continue_on_listener_filters_timeout: bool,
+    /// Take the connection's destination from before an iptables REDIRECT (`SO_ORIGINAL_DST`)
+    /// and hand it to the listener bound, without a socket, to that address (Istio's
+    /// `virtualOutbound` / `virtualInbound`; Envoy's `use_original_dst` and `original_dst` filter).
+    pub use_original_dst: bool,
+    /// Open a socket; a listener without one only takes connections handed over by a
+    /// `use_original_dst` listener (Envoy's `bind_to_port: false`).
+    pub bind_to_port: bool,
     /// Filter chains; the most specific match wins, as in Envoy.
     pub filter_chains: Vec<FilterChain>,
 }
@@ -577,6 +584,9 @@ pub enum DiscoveryType {
     StrictDns,
     /// IP endpoints pushed by a control plane (xDS EDS); `endpoints` holds the latest push.
     Eds,
+    /// The connection's original destination (after an iptables REDIRECT): Istio's
+    /// `PassthroughCluster`.
+    OriginalDst,
 }
 
 /// Upstream HTTP protocol.

@@ -229,6 +229,8 @@ fn decode_listener(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option
         .duration(ctx, "listener_filters_timeout")
         .unwrap_or(Duration::from_secs(15));
     let continue_on_listener_filters_timeout = o.bool(ctx, "continue_on_listener_filters_timeout").unwrap_or(false);
+    let use_original_dst = o.bool(ctx, "use_original_dst").unwrap_or(false);
+    let bind_to_port = o.bool(ctx, "bind_to_port").unwrap_or(true);
     let lname = name.clone().unwrap_or_default();
     let mut chains: Vec<FilterChain> = Vec::new();
     if let Some((cn, cp)) = o.require(ctx, "filter_chains") {
@@ -263,6 +265,8 @@ fn decode_listener(ctx: &mut Ctx, n: &Node, p: &Path, refs: &Refs<'_>) -> Option
         address: address?,
         listener_filters_timeout,
         continue_on_listener_filters_timeout,
+        use_original_dst,
+        bind_to_port,
         filter_chains: chains,
     })
 }
@@ -1138,6 +1142,7 @@ fn decode_cluster(ctx: &mut Ctx, n: &Node, p: &Path, secrets: &tls::SecretNames)
             &[
                 ("static", DiscoveryType::Static),
                 ("strict_dns", DiscoveryType::StrictDns),
+                ("original_dst", DiscoveryType::OriginalDst),
             ],
         )
     });
@@ -1210,6 +1215,16 @@ fn decode_cluster(ctx: &mut Ctx, n: &Node, p: &Path, secrets: &tls::SecretNames)
                     n.mark,
                     &p,
                     "a static cluster's endpoints must be IP addresses; use `type: strict_dns` for host names",
+                );
+            }
+            None
+        }
+        Some(DiscoveryType::OriginalDst) if !endpoints.is_empty() => {
+            if let Some((n, p)) = o.get("endpoints") {
+                ctx.error(
+                    n.mark,
+                    &p,
+                    "an original_dst cluster connects to each connection's original destination; it has no endpoints",
                 );
             }
             None

@@ -277,6 +277,8 @@ pub(crate) struct PickContext<'a> {
     pub(crate) subset: Option<usize>,
     /// Picks tried to find a host that is available and not in `avoid`.
     pub(crate) max_attempts: u32,
+    /// The downstream connection's destination before a REDIRECT (ORIGINAL_DST clusters).
+    pub(crate) original_dst: Option<SocketAddr>,
 }
 
 // ---------------------------------------------------------------- stats
@@ -422,7 +424,12 @@ pub(crate) struct ClusterRt {
     pub(crate) hc_rounds: AtomicU64,
     /// TLS origination, when the cluster has a `tls` block.
     pub(crate) tls: Option<Arc<crate::tls::ClientTls>>,
+    /// ORIGINAL_DST clusters: a host per destination seen.
+    original_hosts: Mutex<HashMap<SocketAddr, Arc<Host>>>,
 }
+
+/// Destinations an ORIGINAL_DST cluster remembers before starting afresh.
+const ORIGINAL_DST_HOSTS: usize = 4096;
 
 impl Drop for ClusterRt {
     fn drop(&mut self) {
@@ -456,6 +463,7 @@ impl ClusterRt {
             changed: Arc::new(Notify::new()),
             hc_rounds: AtomicU64::new(0),
             tls: None,
+            original_hosts: Mutex::new(HashMap::new()),
             cfg,
         };
         if let Some(prev) = previous {
@@ -515,6 +523,9 @@ impl ClusterRt {
 
     /// Picks a host for one request: `None` when none may serve it.
     pub(crate) fn pick(&self, ctx: &PickContext<'_>) -> Option<Arc<Host>> {
+        if self.cfg.discovery == model::DiscoveryType::OriginalDst {
+            return self.original_dst_host(ctx.original_dst);
+        }
         let snap = self.snapshot.load();
         let set = match ctx.subset {
             None => snap.main.as_ref(),
@@ -568,6 +579,31 @@ impl ClusterRt {
             self.stats.upstream_cx_none_healthy.inc();
         }
         picked
+    }
+
+    /// ORIGINAL_DST: the host is the connection's own destination, made on first use and kept
+    /// (bounded) so its pooled connections are reused. The map's lock is taken only for these
+    /// clusters, for a lookup; a connection without a restored destination gets no host (503 /
+    /// closed), never a connection back to the proxy itself.
+    fn original_dst_host(&self, dst: Option<SocketAddr>) -> Option<Arc<Host>> {
+        let Some(dst) = dst else {
+            self.stats.upstream_cx_none_healthy.inc();
+            return None;
+        };
+        let mut hosts = self.original_hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = hosts.get(&dst) {
+            return Some(h.clone());
+        }
+        if hosts.len() >= ORIGINAL_DST_HOSTS {
+            hosts.clear();
+        }
+        let h = Arc::new(Host::new(
+            dst,
+            &model::Endpoint::new(dst.ip().to_string(), dst.port()),
+            None,
+        ));
+        hosts.insert(dst, h.clone());
+        Some(h)
     }
 
     /// Replaces the members with IP endpoints (static and EDS clusters); names are skipped.

@@ -174,6 +174,8 @@ pub(crate) struct ConnCtx {
     sink: Option<LogSink>,
     remote: SocketAddr,
     local: SocketAddr,
+    /// The destination before a REDIRECT, for ORIGINAL_DST clusters.
+    pub(crate) original_dst: Option<SocketAddr>,
     id: u64,
     /// The client's address as a header value, made once per connection for `x-forwarded-for`.
     remote_ip: HeaderValue,
@@ -324,6 +326,7 @@ pub(crate) async fn serve(
         tls,
         remote,
         local,
+        original_dst,
         id,
     } = conn;
     chain.stats.downstream_cx_total.inc();
@@ -337,6 +340,7 @@ pub(crate) async fn serve(
         tls,
         remote,
         local,
+        original_dst,
         id,
         active: AtomicU32::new(0),
         last_done_ms: AtomicU64::new(0),

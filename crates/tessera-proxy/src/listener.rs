@@ -44,6 +44,11 @@ pub(crate) struct ListenerCfg {
     pub(crate) inspect_timeout: Duration,
     /// On inspection timeout, choose a chain with what was seen instead of closing.
     pub(crate) continue_on_timeout: bool,
+    /// Restore the destination from before an iptables REDIRECT and hand the connection to the
+    /// unbound listener for it.
+    pub(crate) use_original_dst: bool,
+    /// False for a listener that only takes handed-over connections.
+    pub(crate) bind_to_port: bool,
 }
 
 pub(crate) struct ListenerStats {
@@ -161,12 +166,49 @@ pub(crate) async fn accept_loop(l: Arc<ListenerRt>, sock: std::net::TcpListener,
     }
 }
 
+/// The destination a connection had before an iptables REDIRECT / TPROXY (`SO_ORIGINAL_DST`);
+/// `None` when it was not redirected.
+fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr().ok()? {
+        SocketAddr::V4(_) => sock.original_dst_v4().ok()?,
+        SocketAddr::V6(_) => sock.original_dst_v6().ok()?,
+    };
+    addr.as_socket()
+}
+
+/// The listener that takes a connection whose original destination is `dst`: one without a
+/// socket for exactly that address, else for its port on any address (Envoy's order).
+fn handoff(shared: &Shared, from: &Arc<ListenerRt>, dst: SocketAddr) -> Option<Arc<ListenerRt>> {
+    let all = shared.listeners.load();
+    let unbound = || {
+        all.iter()
+            .filter(|t| !Arc::ptr_eq(t, from) && !t.cfg.load().bind_to_port)
+    };
+    unbound()
+        .find(|t| t.requested == dst)
+        .or_else(|| unbound().find(|t| t.requested.ip().is_unspecified() && t.requested.port() == dst.port()))
+        .cloned()
+}
+
 async fn on_connection(stream: TcpStream, remote: SocketAddr, l: Arc<ListenerRt>, shared: Arc<Shared>) {
     let _active = shared.connection_started();
+    let mut local = stream.local_addr().unwrap_or(l.bound);
+    let mut original = None;
+    let mut l = l;
+    if l.cfg.load().use_original_dst
+        && let Some(dst) = original_dst(&stream)
+    {
+        original = Some(dst);
+        local = dst;
+        if let Some(target) = handoff(&shared, &l, dst) {
+            l.stats.downstream_cx_total.inc();
+            l = target;
+        }
+    }
     l.stats.downstream_cx_total.inc();
     l.stats.downstream_cx_active.inc();
     let _g = GaugeDown(&l.stats.downstream_cx_active);
-    let local = stream.local_addr().unwrap_or(l.bound);
     let cfg = l.cfg.load_full();
     let meta = if cfg.inspect {
         match peek_hello(&stream, cfg.inspect_timeout, cfg.inspect_http).await {
@@ -199,6 +241,7 @@ async fn on_connection(stream: TcpStream, remote: SocketAddr, l: Arc<ListenerRt>
         tls,
         remote,
         local,
+        original_dst: original,
         id,
     };
     match &chain.filter {
@@ -221,6 +264,9 @@ pub(crate) struct Accepted {
     pub(crate) tls: Option<Arc<TlsInfo>>,
     pub(crate) remote: SocketAddr,
     pub(crate) local: SocketAddr,
+    /// The destination before a REDIRECT, when the listener restored it (ORIGINAL_DST clusters
+    /// connect there).
+    pub(crate) original_dst: Option<SocketAddr>,
     pub(crate) id: u64,
 }
 

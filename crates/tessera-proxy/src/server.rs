@@ -433,10 +433,12 @@ impl Server {
             let existing = ctl
                 .listeners
                 .get(&l.name)
-                .filter(|o| o.requested == l.address && !o.is_stopped())
+                .filter(|o| o.requested == l.address && !o.is_stopped() && o.cfg.load().bind_to_port == l.bind_to_port)
                 .cloned();
             let sockets = match existing {
                 Some(_) => None,
+                // Takes connections handed over by a `use_original_dst` listener only.
+                None if !l.bind_to_port => None,
                 None => {
                     let bind_err = |source: std::io::Error, hint| StartError::Bind {
                         listener: l.name.clone(),
@@ -527,6 +529,8 @@ impl Server {
                 }),
                 inspect_timeout: l.listener_filters_timeout,
                 continue_on_timeout: l.continue_on_listener_filters_timeout,
+                use_original_dst: l.use_original_dst,
+                bind_to_port: l.bind_to_port,
             };
             pending.push((l.name.clone(), l.address, lcfg, existing, sockets));
         }
@@ -554,7 +558,11 @@ impl Server {
                     tracing::info!(listener = %name, address = %bound, "listening");
                     listeners.insert(name, l);
                 }
-                (None, None) => {}
+                (None, None) => {
+                    let l = Arc::new(ListenerRt::new(&name, requested, requested, lcfg, stats));
+                    tracing::info!(listener = %name, address = %requested, "listening (handed over by original destination, no socket)");
+                    listeners.insert(name, l);
+                }
             }
         }
         for (name, old) in ctl.listeners.drain() {

@@ -65,6 +65,7 @@ pub(crate) async fn proxy(conn: Accepted, t: Arc<TcpProxyRt>, sink: Option<LogSi
         tls,
         remote,
         local,
+        original_dst,
         id,
     } = conn;
     let s = &t.stats;
@@ -80,7 +81,10 @@ pub(crate) async fn proxy(conn: Accepted, t: Arc<TcpProxyRt>, sink: Option<LogSi
         l.tls = tls;
     }
     let outcome = async {
-        let Some(host) = t.cluster.pick(&crate::cluster::PickContext::default()) else {
+        let Some(host) = t.cluster.pick(&crate::cluster::PickContext {
+            original_dst,
+            ..Default::default()
+        }) else {
             s.downstream_cx_no_route.inc();
             tracing::debug!(%remote, cluster = t.cluster.name(), "no healthy upstream; closing");
             return (ResponseFlags::NO_HEALTHY_UPSTREAM, 0, 0);

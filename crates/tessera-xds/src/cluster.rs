@@ -37,6 +37,17 @@ pub fn cluster(c: &Cluster, at: &str) -> Result<model::Cluster, Vec<Unsupported>
             // resolves it as STRICT_DNS, which is the same for the one-address names it is used
             // for and spreads load over every address otherwise (docs/xds.md).
             Ok(cluster::DiscoveryType::LogicalDns) => model::DiscoveryType::StrictDns,
+            Ok(cluster::DiscoveryType::OriginalDst) => {
+                if let Some(cluster::LbConfig::OriginalDstLbConfig(o)) = &c.lb_config
+                    && (o.use_http_header || o.upstream_port_override.is_some())
+                {
+                    p.add(
+                        f("original_dst_lb_config"),
+                        "the destination comes from the connection only (no header, no port override)",
+                    );
+                }
+                model::DiscoveryType::OriginalDst
+            }
             Ok(cluster::DiscoveryType::Eds) => {
                 if let Some(cfg) = &c.eds_cluster_config
                     && let Some(src) = &cfg.eds_config
@@ -48,16 +59,6 @@ pub fn cluster(c: &Cluster, at: &str) -> Result<model::Cluster, Vec<Unsupported>
                     );
                 }
                 model::DiscoveryType::Eds
-            }
-            Ok(other) => {
-                p.add(
-                    f("type"),
-                    format!(
-                        "{} clusters are not supported yet; use STATIC, STRICT_DNS or EDS",
-                        other.as_str_name()
-                    ),
-                );
-                model::DiscoveryType::Static
             }
             Err(_) => {
                 p.add(f("type"), format!("unknown discovery type {t}"));
@@ -233,6 +234,16 @@ fn lb_policy(c: &Cluster, f: &dyn Fn(&str) -> String, p: &mut Problems) -> model
                 _ => 65537,
             },
         },
+        // ORIGINAL_DST clusters pick the connection's destination; Envoy requires this policy
+        // for them (and the field is ignored otherwise).
+        Ok(cluster::LbPolicy::ClusterProvided)
+            if c.cluster_discovery_type
+                == Some(cluster::ClusterDiscoveryType::Type(
+                    cluster::DiscoveryType::OriginalDst as i32,
+                )) =>
+        {
+            model::LbPolicy::RoundRobin
+        }
         Ok(other) => {
             p.add(f("lb_policy"), format!("{} is not supported", other.as_str_name()));
             model::LbPolicy::RoundRobin
@@ -1496,9 +1507,7 @@ mod tests {
             model::DiscoveryType::StrictDns
         );
         let mut c = base();
-        c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
-            cluster::DiscoveryType::OriginalDst as i32,
-        ));
+        c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32));
         c.lb_policy = cluster::LbPolicy::ClusterProvided as i32;
         c.load_assignment.as_mut().unwrap().endpoints[0].lb_endpoints[0].load_balancing_weight =
             Some(UInt32Value { value: 500 });
@@ -1512,7 +1521,6 @@ mod tests {
         let errs = cluster(&c, "clusters[4]").unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
         let want = [
-            "clusters[4].type: ORIGINAL_DST clusters are not supported yet",
             "clusters[4].lb_policy: CLUSTER_PROVIDED is not supported",
             "clusters[4].load_assignment.endpoints[0].lb_endpoints[0].load_balancing_weight: 500 is outside 1..=128",
             "clusters[4].typed_extension_protocol_options[\"x\"]: `some.Other` is not supported",

@@ -75,11 +75,15 @@ pub fn listener_with_rds(
             }
             SocketAddr::from(([0, 0, 0, 0], 0))
         });
+    // Envoy's deprecated listener field and the `original_dst` listener filter say the same.
+    #[allow(deprecated)]
+    let mut use_original_dst = l.use_original_dst.as_ref().is_some_and(|b| b.value);
     for (i, f) in l.listener_filters.iter().enumerate() {
         match f.name.as_str() {
             // Tessera inspects the ClientHello and the first bytes itself when a chain matches on
             // SNI, ALPN or transport protocol.
             "envoy.filters.listener.tls_inspector" | "envoy.filters.listener.http_inspector" => {}
+            "envoy.filters.listener.original_dst" => use_original_dst = true,
             other => p.add(
                 format!("{at}.listener_filters[{i}]"),
                 format!("listener filter `{other}` is not supported"),
@@ -113,6 +117,8 @@ pub fn listener_with_rds(
             .and_then(duration)
             .unwrap_or(Duration::from_secs(15)),
         continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
+        use_original_dst,
+        bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
         filter_chains: chains,
     })
 }

@@ -929,3 +929,37 @@ fn telemetry_loads_and_its_errors_name_the_field() {
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }
 }
+
+#[test]
+fn transparent_capture_listeners_and_original_dst_clusters() {
+    let src = r#"
+listeners:
+- name: virtual-outbound
+  address: 127.0.0.1:15001
+  use_original_dst: true
+  filter_chains:
+  - tcp_proxy: { cluster: passthrough }
+- name: reviews
+  address: 10.0.0.5:9080
+  bind_to_port: false
+  filter_chains:
+  - tcp_proxy: { cluster: passthrough }
+clusters:
+- name: passthrough
+  type: original_dst
+"#;
+    let cfg = load(src).unwrap();
+    assert!(cfg.listeners[0].use_original_dst && cfg.listeners[0].bind_to_port);
+    assert!(!cfg.listeners[1].use_original_dst && !cfg.listeners[1].bind_to_port);
+    assert_eq!(cfg.clusters[0].discovery, DiscoveryType::OriginalDst);
+    let bad = src.replace(
+        "  type: original_dst",
+        "  type: original_dst\n  endpoints: [\"127.0.0.1:80\"]",
+    );
+    let e = errors(&bad);
+    assert!(
+        e.iter()
+            .any(|e| e.contains("connects to each connection's original destination")),
+        "{e:?}"
+    );
+}

@@ -351,6 +351,7 @@ pub(super) async fn forward(
             avoid,
             subset: dest.subset,
             max_attempts: retry.map_or(1, |r| r.host_selection_retry_max_attempts),
+            original_dst: st.cx.original_dst,
         };
         let Some(host) = cluster.pick(&pick) else {
             return local_reply(
