@@ -68,7 +68,9 @@ pub(crate) struct ListenerRt {
     pub(crate) cfg: ArcSwap<ListenerCfg>,
     pub(crate) stats: ListenerStats,
     stop: watch::Sender<bool>,
-    drain: watch::Sender<bool>,
+    /// Connections watch the sender current when they were accepted; a changed listener swaps
+    /// in a fresh one and drains the connections of the old.
+    drain: ArcSwap<watch::Sender<bool>>,
 }
 
 impl ListenerRt {
@@ -92,7 +94,7 @@ impl ListenerRt {
                 downstream_listener_filter_error: stats.counter(&s, "downstream_listener_filter_error"),
             },
             stop: watch::channel(false).0,
-            drain: watch::channel(false).0,
+            drain: ArcSwap::from_pointee(watch::channel(false).0),
         }
     }
 
@@ -103,7 +105,15 @@ impl ListenerRt {
 
     /// Asks open connections to finish: HTTP/1 closes after the current request, HTTP/2 sends GOAWAY.
     pub(crate) fn drain_connections(&self) {
-        self.drain.send_replace(true);
+        self.drain.load().send_replace(true);
+    }
+
+    /// After a change to the listener: connections accepted under the old definition finish
+    /// (as `drain_connections`), new ones are served by the new one, as Envoy drains a listener's
+    /// old version. Route changes alone do not come here: open connections take new routes.
+    pub(crate) fn drain_old_connections(&self) {
+        let old = self.drain.swap(Arc::new(watch::channel(false).0));
+        old.send_replace(true);
     }
 
     pub(crate) fn is_stopped(&self) -> bool {
@@ -246,8 +256,10 @@ async fn on_connection(stream: TcpStream, remote: SocketAddr, l: Arc<ListenerRt>
     };
     match &chain.filter {
         ChainFilter::Tcp(t) => crate::tcp::proxy(conn, t.clone(), shared.log_sink()).await,
-        ChainFilter::Http(h) => crate::http::serve(conn, h.clone(), shared.log_sink(), l.drain.subscribe()).await,
-        ChainFilter::Rpc(r) => crate::rpc::serve(conn, r.clone(), shared.clone(), l.drain.subscribe()).await,
+        ChainFilter::Http(h) => {
+            crate::http::serve(conn, h.clone(), shared.log_sink(), l.drain.load().subscribe()).await
+        }
+        ChainFilter::Rpc(r) => crate::rpc::serve(conn, r.clone(), shared.clone(), l.drain.load().subscribe()).await,
     }
 }
 

@@ -223,8 +223,27 @@ struct Control {
     route_cells: HashMap<(String, String), Arc<ArcSwap<RouteTable>>>,
     /// RPC chains by (listener, chain): open connections route new requests by the new one.
     rpc_cells: HashMap<(String, String), Arc<ArcSwap<crate::rpc::RpcChainRt>>>,
+    /// Each listener's definition without its routes: a change drains its old connections.
+    listener_ids: HashMap<String, String>,
     secrets: SecretSet,
     log_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A listener's definition minus its HTTP route tables (those change under open connections
+/// without draining them), as text to compare.
+fn listener_identity(l: &tessera_model::Listener) -> String {
+    let mut l = l.clone();
+    for c in &mut l.filter_chains {
+        if let NetworkFilter::Http(h) = &mut c.filter {
+            let r = &mut h.route_config;
+            r.virtual_hosts.clear();
+            r.request_headers_to_add.clear();
+            r.request_headers_to_remove.clear();
+            r.response_headers_to_add.clear();
+            r.response_headers_to_remove.clear();
+        }
+    }
+    serde_json::to_string(&l).unwrap_or_default()
 }
 
 /// A running proxy.
@@ -308,6 +327,7 @@ impl Server {
                 clusters: HashMap::new(),
                 route_cells: HashMap::new(),
                 rpc_cells: HashMap::new(),
+                listener_ids: HashMap::new(),
                 secrets: SecretSet::default(),
                 log_thread: Some(log_thread),
             }),
@@ -535,6 +555,12 @@ impl Server {
             pending.push((l.name.clone(), l.address, lcfg, existing, sockets));
         }
 
+        let identities: HashMap<String, String> = cfg
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), listener_identity(l)))
+            .collect();
+
         // Phase 2: commit.
         for (cell, table) in tables_to_store {
             cell.store(Arc::new(table));
@@ -547,6 +573,10 @@ impl Server {
             match (existing, sockets) {
                 (Some(l), _) => {
                     l.cfg.store(Arc::new(lcfg));
+                    if ctl.listener_ids.get(&name) != identities.get(&name) {
+                        tracing::info!(listener = %name, "listener changed; draining the connections it had");
+                        l.drain_old_connections();
+                    }
                     listeners.insert(name, l);
                 }
                 (None, Some(socks)) => {
@@ -583,6 +613,7 @@ impl Server {
         ctl.clusters = clusters;
         ctl.route_cells = route_cells;
         ctl.rpc_cells = rpc_cells;
+        ctl.listener_ids = identities;
         ctl.node = cfg.node.clone();
         shared.secrets.store(Arc::new(secrets.all()));
         ctl.secrets = secrets;

@@ -585,11 +585,13 @@ impl<A: Apply> Client<A> {
         });
         let n = inc.resources.len();
         let started = Instant::now();
-        match self.state.accept(inc, Instant::now()) {
+        // What to answer; sent after /config_dump shows the outcome, so whoever sees the ACK or
+        // NACK also sees it there.
+        let error = match self.state.accept(inc, Instant::now()) {
             Err(e) => {
                 tracing::warn!(type_url = %type_url, version = %version, error = %e, "NACK: configuration rejected; keeping the last good one");
                 self.state.rejected(&type_url, nonce.clone(), &e);
-                out.answer(&self.state, &type_url, &nonce, Some(&e));
+                Some(e)
             }
             Ok(change) => {
                 for (t, added, removed) in change.subscriptions.iter().cloned() {
@@ -606,7 +608,7 @@ impl<A: Apply> Client<A> {
                             total = ?started.elapsed(),
                             "ACK"
                         );
-                        out.answer(&self.state, &type_url, &nonce, None);
+                        None
                     }
                     Err(e) => {
                         tracing::warn!(type_url = %type_url, version = %version, error = %e, "NACK: the proxy refused the configuration; keeping the last good one");
@@ -615,13 +617,14 @@ impl<A: Apply> Client<A> {
                             self.state.types[t as usize] = ts;
                         }
                         self.state.rejected(&type_url, nonce.clone(), &e);
-                        out.answer(&self.state, &type_url, &nonce, Some(&e));
+                        Some(e)
                     }
                 }
             }
-        }
-        self.maybe_start_lds(out);
+        };
         self.publish();
+        out.answer(&self.state, &type_url, &nonce, error.as_deref());
+        self.maybe_start_lds(out);
     }
 
     async fn on_timer(&mut self, out: &mut Out) {

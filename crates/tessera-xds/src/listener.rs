@@ -26,12 +26,15 @@ const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 
 /// HTTP filters accepted and not run: what they do is either done by Tessera itself or only
-/// feeds Istio's telemetry, which Tessera's Report replaces.
+/// feeds Istio's telemetry, which Tessera's Report replaces. `cors` acts only through a CORS policy
+/// on a virtual host or route, and those are refused with their paths, so the bare filter Istio
+/// puts in every connection manager changes nothing.
 pub const NO_OP_HTTP_FILTERS: &[&str] = &[
     "istio.metadata_exchange",
     "istio.stats",
     "istio.alpn",
     "envoy.filters.http.grpc_stats",
+    "envoy.filters.http.cors",
 ];
 
 /// Network filters accepted and not run, for the same reason: Istio's peer metadata exchange and

@@ -912,3 +912,92 @@ fn sds_certificates_arrive_and_rotate_over_ads() {
         "the key never reaches /config_dump: {text}"
     );
 }
+
+/// One GET on a kept-alive connection: `Some(head)` with the response head, `None` if the proxy
+/// closed the connection instead.
+fn get_on(c: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::{Read, Write};
+    c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = c.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return Some(text[..end].to_string());
+            }
+        }
+    }
+}
+
+/// A route change reaches open connections; a listener change drains them (Envoy's listener
+/// update): the old connection is closed, new ones use the new listener.
+#[test]
+fn a_changed_listener_drains_its_connections_and_a_route_change_does_not() {
+    let ads = ads_start(0);
+    let m = mesh(&ads, "GRPC", &[]);
+    let port: u16 = m.url.trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap();
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(get_on(&mut c).unwrap().contains("x-route: v1"));
+
+    ads.set(ROUTE, "2", vec![routes("routes", &[("/", "backend")], "v2")]);
+    ads.wait_for("RDS ACK v2", T, |r| ack(r, ROUTE, "2")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let head = get_on(&mut c).expect("the connection survives a route change");
+    assert!(
+        head.contains("x-route: v2") && !head.contains("connection: close"),
+        "{head}"
+    );
+
+    // The same listener with another stat prefix: a new version of it.
+    let mut l = tessera_xds::load::any_to_json(&rds_listener("ingress", port, "routes"));
+    l.as_object_mut().unwrap().remove("@type");
+    l["filter_chains"][0]["filters"][0]["typed_config"]["stat_prefix"] = json!("ingress_v2");
+    ads.set(LISTENER, "2", vec![any(LISTENER, l)]);
+    ads.wait_for("LDS ACK v2", T, |r| ack(r, LISTENER, "2")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    match get_on(&mut c) {
+        None => {}
+        Some(head) => assert!(
+            head.contains("connection: close"),
+            "the old connection must drain: {head}"
+        ),
+    }
+    assert_eq!(who(&m.url, 2), ["one", "one"], "new connections are served");
+}
+
+/// A response over the 64 MiB limit ends the stream (logged) rather than the sidecar's memory:
+/// it reconnects, says what it holds, and keeps serving the last good configuration.
+#[test]
+fn an_oversized_response_ends_the_stream_not_the_sidecar() {
+    let ads = ads_start(0);
+    let m = mesh(&ads, "GRPC", &[]);
+    let streams = ads.streams();
+    ads.send_raw(DiscoveryResponse {
+        version_info: "huge".into(),
+        type_url: LISTENER.into(),
+        resources: vec![Any {
+            type_url: LISTENER.into(),
+            value: vec![0u8; 65 << 20],
+        }],
+        ..Default::default()
+    });
+    m.sidecar.wait_log("ADS stream failed", T);
+    wait_until("a new stream", Duration::from_secs(30), || ads.streams() > streams);
+    assert_eq!(who(&m.url, 2), ["one", "one"]);
+    assert!(
+        ads.requests().iter().all(|r| r.version != "huge"),
+        "nothing was ACKed or NACKed for the oversized response"
+    );
+}

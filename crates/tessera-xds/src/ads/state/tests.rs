@@ -134,12 +134,15 @@ fn bad_responses_are_refused_whole_with_the_resource_named() {
     assert!(e.starts_with("a malformed Cluster payload"), "{e}");
     let odd = any(
         CLUSTER,
-        json!({"name": "odd", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED"}),
+        json!({"name": "odd", "type": "STATIC", "lb_policy": "CLUSTER_PROVIDED"}),
     );
     let e = s
         .accept(sotw(CLUSTER, "1", vec![static_cluster("fine"), odd]), now)
         .unwrap_err();
-    assert!(e.contains("Cluster `odd`: cluster \"odd\".type: ORIGINAL_DST"), "{e}");
+    assert!(
+        e.contains("Cluster `odd`: cluster \"odd\".lb_policy: CLUSTER_PROVIDED"),
+        "{e}"
+    );
     // Nothing was taken.
     assert!(s.of(Ty::Cluster).is_empty());
     assert_eq!(s.types[Ty::Cluster as usize].version, "");
