@@ -298,6 +298,13 @@ pub(crate) fn referenced_clusters(f: &model::NetworkFilter) -> Vec<&str> {
                 _ => Vec::new(),
             })
             .collect(),
-        model::NetworkFilter::Rpc(_) => Vec::new(),
+        model::NetworkFilter::Rpc(r) => r
+            .routes
+            .iter()
+            .flat_map(|route| match &route.route.cluster {
+                model::ClusterSpecifier::Cluster(c) => vec![c.as_str()],
+                model::ClusterSpecifier::WeightedClusters(w) => w.iter().map(|c| c.name.as_str()).collect(),
+            })
+            .collect(),
     }
 }

@@ -1039,7 +1039,8 @@ fn socket(a: &Address, at: &dyn Fn() -> String, p: &mut Problems) -> Option<(Str
 }
 
 /// String values of the `envoy.lb` filter metadata, the labels subset load balancing matches.
-fn lb_labels(m: Option<&Metadata>) -> BTreeMap<String, String> {
+/// The `envoy.lb` labels of endpoint or route metadata (subset load balancing).
+pub(crate) fn lb_labels(m: Option<&Metadata>) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     if let Some(fields) = m.and_then(|m| m.filter_metadata.get("envoy.lb")) {
         for (k, v) in &fields.fields {

@@ -12,6 +12,7 @@ mod access_log;
 pub mod ads;
 pub mod bootstrap;
 pub mod cluster;
+mod dubbo;
 mod http_filters;
 pub mod listener;
 pub mod load;

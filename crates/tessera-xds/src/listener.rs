@@ -270,6 +270,18 @@ fn chain(
                     None
                 }
             },
+            crate::dubbo::DUBBO_PROXY => {
+                match envoy_types::pb::envoy::extensions::filters::network::dubbo_proxy::v3::DubboProxy::decode(
+                    any.value.as_slice(),
+                ) {
+                    Ok(d) => crate::dubbo::dubbo_proxy(&d, &format!("{here}.typed_config"), p)
+                        .map(|r| model::NetworkFilter::Rpc(Box::new(r))),
+                    Err(e) => {
+                        p.add(&here, format!("malformed DubboProxy: {e}"));
+                        None
+                    }
+                }
+            }
             other => {
                 p.add(
                     &here,

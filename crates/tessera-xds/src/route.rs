@@ -6,7 +6,6 @@
 //! rewrites, retries, hash policies and mirrors; redirects and direct responses. Everything else a
 //! route asks for is listed as unsupported with its path rather than ignored.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, header_value_option};
@@ -246,7 +245,7 @@ fn forward(
                 .map(|c| model::WeightedCluster {
                     name: c.name.clone(),
                     weight: c.weight.as_ref().map_or(0, |w| w.value),
-                    metadata_match: BTreeMap::new(),
+                    metadata_match: crate::cluster::lb_labels(c.metadata_match.as_ref()),
                 })
                 .collect(),
         ),
@@ -332,7 +331,8 @@ fn forward(
         regex_rewrite,
         host_rewrite_literal,
         auto_host_rewrite,
-        metadata_match: BTreeMap::new(),
+        // Subset load balancing on the endpoints' `envoy.lb` labels.
+        metadata_match: crate::cluster::lb_labels(a.metadata_match.as_ref()),
         retry_policy,
         hash_policy,
         request_mirror_policies,

@@ -1001,3 +1001,38 @@ fn an_oversized_response_ends_the_stream_not_the_sidecar() {
         "nothing was ACKed or NACKed for the oversized response"
     );
 }
+
+/// A "control plane" that answers the gRPC connection with garbage: every stream fails, is
+/// logged and retried with backoff; the sidecar stays up and serves its static part.
+#[test]
+fn a_control_plane_speaking_garbage_is_retried_not_fatal() {
+    use std::io::Write;
+    let garbage = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = garbage.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for c in garbage.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut c = c;
+            let _ = c.write_all(b"\x00\x00\x12\x04\x00garbage, not HTTP/2 at all\r\n\r\n");
+        }
+    });
+    let dir = TempDir::new("xds-garbage");
+    let boot = dir.write("b.yaml", &ads_bootstrap(addr, 0, "GRPC"));
+    let sidecar = Proc::tessera(&["sidecar", "--envoy-bootstrap", boot.to_str().unwrap()]);
+    let admin = sidecar.logged_addr("admin API ready", T);
+    sidecar.wait_log("ADS stream failed", T);
+    wait_until("a second attempt", T, || {
+        accepted.load(std::sync::atomic::Ordering::Relaxed) >= 2
+    });
+    assert_eq!(curl_ok(&[&format!("http://{admin}/ready")]).trim(), "LIVE");
+    let d = config_dump(admin);
+    assert_eq!(
+        d["configs"]
+            .as_array()
+            .and_then(|c| c.last())
+            .map(|c| c["connected"].clone()),
+        Some(json!(false))
+    );
+}
