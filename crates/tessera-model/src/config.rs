@@ -550,7 +550,7 @@ pub struct DirectResponse {
 }
 
 /// A header to add and how it combines with an existing one.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HeaderValueOption {
     /// Header name (lower case).
     pub key: String,

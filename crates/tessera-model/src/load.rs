@@ -577,7 +577,7 @@ fn http_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn decode_header_value_option(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<HeaderValueOption> {
+pub(crate) fn decode_header_value_option(ctx: &mut Ctx, n: &Node, p: &Path) -> Option<HeaderValueOption> {
     let mut o = Obj::open(ctx, n, p)?;
     // Envoy's shape nests the pair under `header`; the flat shape is easier to write by hand.
     let (key, value) = if let Some((hn, hp)) = o.get("header") {

@@ -485,6 +485,8 @@ pub struct LocalRateLimit {
     pub descriptor: Option<RateLimitKey>,
     /// Add `x-ratelimit-limit`, `-remaining` and `-reset` to responses.
     pub response_headers: bool,
+    /// Headers added to the 429 answers (Envoy's `response_headers_to_add`).
+    pub response_headers_to_add: Vec<crate::config::HeaderValueOption>,
 }
 
 /// What splits a rate limit into separate buckets.

@@ -154,6 +154,9 @@ impl HttpChainRt {
             .max_concurrent_streams(cfg.http2_max_concurrent_streams)
             .max_header_list_size(header_bytes as u32);
         let policy = PolicyRt::new(&cfg.policy, &cfg.stat_prefix, stats)?;
+        if let Some(rl) = &cfg.local_rate_limit {
+            RateLimiter::headers(rl)?;
+        }
         Ok(HttpChainRt {
             policy,
             stats: HttpStats::new(stats, &cfg.stat_prefix),
@@ -629,6 +632,9 @@ async fn handle(cx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Res
                 h.insert("x-ratelimit-limit", HeaderValue::from(v.limit));
                 h.insert("x-ratelimit-remaining", HeaderValue::from(v.remaining));
                 h.insert("x-ratelimit-reset", HeaderValue::from(v.reset_secs));
+            }
+            if !rl.extra_headers.is_empty() {
+                router::mutate(resp.headers_mut(), &[], &rl.extra_headers);
             }
             return Ok(resp);
         }

@@ -84,6 +84,8 @@ pub(crate) struct Verdict {
 /// A configured local rate limit at run time.
 pub(crate) struct RateLimiter {
     pub(crate) cfg: LocalRateLimit,
+    /// `response_headers_to_add`, ready to set on a 429.
+    pub(crate) extra_headers: Vec<(http::HeaderName, http::HeaderValue, tessera_model::AppendAction)>,
     shared: Bucket,
     keyed: RwLock<HashMap<String, Arc<Bucket>>>,
 }
@@ -92,10 +94,28 @@ impl RateLimiter {
     pub(crate) fn new(cfg: LocalRateLimit) -> RateLimiter {
         let now = now_ms();
         RateLimiter {
+            extra_headers: Self::headers(&cfg).unwrap_or_default(),
             shared: Bucket::new(cfg.max_tokens, now),
             keyed: RwLock::new(HashMap::new()),
             cfg,
         }
+    }
+
+    /// `response_headers_to_add` as header names and values; the first invalid one is an error
+    /// (checked when a configuration is built, so a bad name is refused, not skipped).
+    pub(crate) fn headers(
+        cfg: &LocalRateLimit,
+    ) -> Result<Vec<(http::HeaderName, http::HeaderValue, tessera_model::AppendAction)>, String> {
+        cfg.response_headers_to_add
+            .iter()
+            .map(|o| {
+                let n = http::HeaderName::from_bytes(o.key.as_bytes())
+                    .map_err(|_| format!("local rate limit: invalid header name `{}`", o.key))?;
+                let v = http::HeaderValue::from_str(&o.value)
+                    .map_err(|_| format!("local rate limit: invalid value for header `{}`", o.key))?;
+                Ok((n, v, o.append_action))
+            })
+            .collect()
     }
 
     /// Decides for a request with these headers from `client`.
@@ -149,6 +169,7 @@ mod tests {
 
     fn cfg(max: u32, per_fill: u32, every_ms: u64, descriptor: Option<RateLimitKey>) -> LocalRateLimit {
         LocalRateLimit {
+            response_headers_to_add: Vec::new(),
             max_tokens: max,
             tokens_per_fill: per_fill,
             fill_interval: Duration::from_millis(every_ms),

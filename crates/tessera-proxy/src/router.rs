@@ -301,7 +301,13 @@ impl RouteTable {
                     name: r.name.as_deref().map(Arc::from),
                     matcher: r.matcher.clone(),
                     fault: r.fault.clone(),
-                    rate_limit: r.local_rate_limit.clone().map(|c| Arc::new(RateLimiter::new(c))),
+                    rate_limit: match &r.local_rate_limit {
+                        Some(c) => {
+                            RateLimiter::headers(c)?;
+                            Some(Arc::new(RateLimiter::new(c.clone())))
+                        }
+                        None => None,
+                    },
                     action,
                     mutations: Mutations::compile(
                         &r.request_headers_to_add,

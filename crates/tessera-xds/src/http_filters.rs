@@ -99,12 +99,6 @@ pub(crate) fn local_ratelimit(any: &Any, at: &str, p: &mut Problems) -> Option<m
         );
         return None;
     }
-    if !l.response_headers_to_add.is_empty() {
-        p.add(
-            format!("{at}.response_headers_to_add"),
-            "extra headers on rate-limited responses are not supported yet",
-        );
-    }
     if !l.descriptors.is_empty() {
         p.add(
             format!("{at}.descriptors"),
@@ -135,5 +129,10 @@ pub(crate) fn local_ratelimit(any: &Any, at: &str, p: &mut Problems) -> Option<m
         fill_interval,
         descriptor: None,
         response_headers: l.enable_x_ratelimit_headers != 0,
+        response_headers_to_add: crate::route::header_options(
+            &l.response_headers_to_add,
+            &format!("{at}.response_headers_to_add"),
+            p,
+        ),
     })
 }

@@ -793,7 +793,7 @@ fn string(matcher: model::StringMatch) -> model::HeaderMatchSpec {
     }
 }
 
-fn header_options(v: &[HeaderValueOption], at: &str, p: &mut Problems) -> Vec<model::HeaderValueOption> {
+pub(crate) fn header_options(v: &[HeaderValueOption], at: &str, p: &mut Problems) -> Vec<model::HeaderValueOption> {
     let mut out = Vec::with_capacity(v.len());
     for (i, o) in v.iter().enumerate() {
         let Some(h) = &o.header else {

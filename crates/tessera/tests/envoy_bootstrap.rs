@@ -57,6 +57,8 @@ fn every_fixture_parses_and_says_what_it_needs() {
         "load_balancing-circuit-breaker-config.yaml: OK as an Envoy bootstrap",
         // ADS through a STRICT_DNS cluster: the name is resolved when the client connects.
         "dynamic-config-cp-envoy.yaml: OK as an Envoy bootstrap",
+        // Extra headers on rate-limited answers.
+        "local_ratelimit-envoy.yaml: OK as an Envoy bootstrap",
         // ORIGINAL_DST with the original_dst listener filter (tests/original_dst.rs runs it).
         "original-dst-cluster-proxy_config.yaml: OK as an Envoy bootstrap",
         // Active HTTP health checks (its no_traffic intervals only slow checks of an idle cluster).
@@ -71,7 +73,7 @@ fn every_fixture_parses_and_says_what_it_needs() {
     );
     // Precise reasons, with Envoy's field paths.
     for want in [
-        "typed_config.http_filters[0].typed_config.response_headers_to_add: extra headers on rate-limited responses are not supported yet",
+        "typed_per_filter_config[\"envoy.filters.http.local_ratelimit\"].descriptors: rate limit descriptors are not supported yet",
         // The first route's mirror converts; the second names its cluster in a request header.
         "route-mirror-envoy.yaml: 1 thing(s) Tessera cannot run yet",
         "typed_config.route_config.virtual_hosts[0].routes[1].route.request_mirror_policies[0].cluster_header: mirroring to a cluster named by a request header is not supported",
@@ -284,6 +286,8 @@ fn fault_and_local_rate_limit_filters_match_envoy() {
               token_bucket: { max_tokens: 3, tokens_per_fill: 3, fill_interval: 3600s }
               filter_enabled: { default_value: { numerator: 100, denominator: HUNDRED }, runtime_key: rl_on }
               filter_enforced: { default_value: { numerator: 100, denominator: HUNDRED }, runtime_key: rl_enforced }
+              response_headers_to_add:
+              - { append_action: OVERWRITE_IF_EXISTS_OR_ADD, header: { key: x-local-rate-limit, value: "true" } }
           - name: envoy.filters.http.fault
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
@@ -298,6 +302,12 @@ fn fault_and_local_rate_limit_filters_match_envoy() {
         for _ in 0..4 {
             out.push(curl_ok(&["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]));
         }
+        // The rate-limited answer carries the configured header.
+        let head = curl_ok(&["-s", "-i", &url]).to_lowercase();
+        out.push(format!(
+            "x-local-rate-limit: {}",
+            head.contains("x-local-rate-limit: true")
+        ));
         out
     };
     let (listen, admin) = (free_port(), free_port());
@@ -307,7 +317,11 @@ fn fault_and_local_rate_limit_filters_match_envoy() {
     let ours = run(listen);
     assert_eq!(ours[0], "fault filter abort|503", "{ours:?}\n{}", p.log());
     // The rate limit comes first, so the aborted request took a token: two pass, then 429.
-    assert_eq!(&ours[1..], ["200", "200", "429", "429"], "{ours:?}");
+    assert_eq!(
+        &ours[1..],
+        ["200", "200", "429", "429", "x-local-rate-limit: true"],
+        "{ours:?}"
+    );
     let (elisten, eadmin) = (free_port(), free_port());
     let ef = dir.write("e.yaml", &config(elisten, eadmin));
     let Some(_e) = start_envoy(&ef, elisten) else { return };

@@ -788,6 +788,7 @@ pub(super) fn local_rate_limit(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Loc
         r
     });
     let response_headers = o.bool(ctx, "response_headers").unwrap_or(true);
+    let response_headers_to_add = o.list(ctx, "response_headers_to_add", super::decode_header_value_option);
     o.finish(ctx);
     let (max_tokens, tokens_per_fill, fill_interval) = bucket?;
     Some(LocalRateLimit {
@@ -796,6 +797,7 @@ pub(super) fn local_rate_limit(ctx: &mut Ctx, n: &YNode, p: &Path) -> Option<Loc
         fill_interval,
         descriptor,
         response_headers,
+        response_headers_to_add,
     })
 }
 
