@@ -229,18 +229,23 @@ struct Control {
     log_thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// A listener's definition minus its HTTP route tables (those change under open connections
-/// without draining them), as text to compare.
+/// A listener's definition minus its HTTP and RPC route tables (those change under open
+/// connections without draining them), as text to compare.
 fn listener_identity(l: &tessera_model::Listener) -> String {
     let mut l = l.clone();
     for c in &mut l.filter_chains {
-        if let NetworkFilter::Http(h) = &mut c.filter {
-            let r = &mut h.route_config;
-            r.virtual_hosts.clear();
-            r.request_headers_to_add.clear();
-            r.request_headers_to_remove.clear();
-            r.response_headers_to_add.clear();
-            r.response_headers_to_remove.clear();
+        match &mut c.filter {
+            NetworkFilter::Http(h) => {
+                let r = &mut h.route_config;
+                r.virtual_hosts.clear();
+                r.request_headers_to_add.clear();
+                r.request_headers_to_remove.clear();
+                r.response_headers_to_add.clear();
+                r.response_headers_to_remove.clear();
+            }
+            // RPC routes, too, reach open connections through their cell.
+            NetworkFilter::Rpc(r) => r.routes.clear(),
+            NetworkFilter::TcpProxy(_) => {}
         }
     }
     serde_json::to_string(&l).unwrap_or_default()
