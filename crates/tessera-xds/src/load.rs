@@ -156,7 +156,8 @@ fn upper_enums(pool: &DescriptorPool, desc: &MessageDescriptor, v: &mut Value) {
 }
 
 /// YAML (a superset of JSON) to a JSON value; the first document only.
-fn yaml_to_json(text: &str) -> Result<Value, String> {
+/// YAML text as JSON (the first document); errors carry the parser's position.
+pub fn yaml_to_json(text: &str) -> Result<Value, String> {
     use yaml_rust2::{Yaml, YamlLoader};
     let docs = YamlLoader::load_from_str(text).map_err(|e| e.to_string())?;
     let doc = docs.into_iter().next().ok_or("the file is empty")?;

@@ -394,11 +394,17 @@ impl AdsServer {
     /// Listens on `127.0.0.1:port` (0: any free port), retrying a taken port for up to 10 s
     /// (a restarted control plane reusing its address), on a runtime thread of its own.
     pub fn start(port: u16) -> std::io::Result<AdsServer> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// Listens on `at` (port 0: any free port), retrying a taken port for up to 10 s.
+    pub fn start_on(at: SocketAddr) -> std::io::Result<AdsServer> {
+        let port = at.port();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let listener = rt.block_on(async {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                match tokio::net::TcpListener::bind(at).await {
                     Ok(l) => break Ok(l),
                     Err(e) if Instant::now() < deadline => {
                         tracing::debug!(port, error = %e, "ADS server: port taken; retrying");

@@ -68,6 +68,13 @@ enum Cmd {
         #[arg(long)]
         envoy_bootstrap: bool,
     },
+    /// Run Pilot: services from registries (the file registry so far) served over ADS to every
+    /// sidecar (issue 9, in progress; docs/pilot.md).
+    Pilot {
+        /// The config file (pilot.yaml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Start a local mesh (sample services and sidecars) from a mesh file.
     Up {
         /// The mesh file, e.g. examples/quickstart.yaml.
@@ -162,6 +169,22 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(sidecar(src, concurrency, admin, drain_time, watch_interval, node)))
         }
         Cmd::Up { file } => runtime().and_then(|rt| rt.block_on(up(file))),
+        Cmd::Pilot { config } => (|| {
+            let cfg = tessera_pilot::config::Config::load(&config).map_err(|problems| {
+                let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+                anyhow::anyhow!("{}: {} problem(s):\n{}", config.display(), problems.len(), list.join("\n"))
+            })?;
+            // The ADS server runs on a thread and runtime of its own.
+            let ads = tessera_pilot::run::listen(&cfg).map_err(|e| anyhow::anyhow!("pilot: {e}"))?;
+            eprintln!("pilot xDS (ADS) listening on {}", ads.addr);
+            tracing::info!(address = %ads.addr, "pilot ready");
+            runtime()?.block_on(async {
+                tokio::select! {
+                    () = tessera_pilot::run::run(cfg, ads) => Ok(()),
+                    r = wait_for_stop(None) => r,
+                }
+            })
+        })(),
         Cmd::CheckServer { listen, policy } => runtime().and_then(|rt| {
             rt.block_on(async {
                 let p = tessera_model::Policy::load(&policy).map_err(|e| anyhow::anyhow!("{e}"))?;

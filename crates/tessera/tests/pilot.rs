@@ -1,0 +1,175 @@
+//! Pilot (issue 9, first slice): services from the file registry, served over ADS to a Tessera
+//! sidecar and to Envoy 1.40 from the same Pilot; both route by Host to the instances, follow an
+//! instance added to the file, and keep the last good state when a file turns bad.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn bootstrap(xds: SocketAddr, id: &str) -> String {
+    format!(
+        r#"node: {{id: {id}, cluster: web}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]
+"#,
+        xds.port()
+    )
+}
+
+fn services(instances: &[SocketAddr]) -> String {
+    let list: Vec<String> = instances
+        .iter()
+        .map(|a| format!("  - {{ address: {}, port: {} }}", a.ip(), a.port()))
+        .collect();
+    format!(
+        "services:\n- name: reviews\n  namespace: shop\n  ports: [{{ name: http, port: 9080, protocol: http }}]\n  instances:\n{}\n",
+        list.join("\n")
+    )
+}
+
+/// Who answers for reviews through the sidecar's outbound listener, `n` times.
+fn who(listen: u16, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let out = curl(&[
+                "-s",
+                "-H",
+                "Host: reviews.shop.svc.cluster.local",
+                &format!("http://127.0.0.1:{listen}/"),
+            ]);
+            let body = String::from_utf8_lossy(&out.stdout).into_owned();
+            ["one", "two"]
+                .into_iter()
+                .find(|w| body.contains(&format!("hello from {w}")))
+                .unwrap_or("-")
+                .to_string()
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + T;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {T:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn pilot_serves_file_registered_services_to_tessera_and_envoy() {
+    let (_one, one) = sample_service("one");
+    let (_two, two) = sample_service("two");
+    let dir = TempDir::new("pilot");
+    std::fs::create_dir_all(dir.path("services")).unwrap();
+    let svc = dir.write("services/shop.yaml", &services(&[one]));
+    let (xds, tout, eout) = (free_port(), free_port(), free_port());
+    // Each proxy gets its own Pilot so the generated outbound listener ports do not collide.
+    let pilot_cfg = |xds: u16, out: u16, name: &str| {
+        dir.write(
+            name,
+            &format!(
+                "xds: {{ listen: \"127.0.0.1:{xds}\" }}\nregistries: {{ file: {{ dir: services, watch_interval: 200ms }} }}\nsidecar: {{ outbound_http: \"127.0.0.1:{out}\" }}\n"
+            ),
+        )
+    };
+    let tp = pilot_cfg(xds, tout, "pilot-t.yaml");
+    let pilot = Proc::tessera(&["pilot", "--config", tp.to_str().unwrap()]);
+    let xds_addr = pilot.logged_addr("pilot ready", T);
+    let boot = dir.write(
+        "sidecar.yaml",
+        &bootstrap(xds_addr, "sidecar~127.0.0.1~web-1.shop~shop.svc.cluster.local"),
+    );
+    let _sidecar = Proc::tessera(&["sidecar", "--envoy-bootstrap", boot.to_str().unwrap()]);
+    wait_until("Tessera routes to reviews", || who(tout, 1) == ["one"]);
+
+    // An instance added to the file reaches the sidecar.
+    std::fs::write(&svc, services(&[one, two])).unwrap();
+    wait_until("Tessera sees the second instance", || {
+        who(tout, 6).contains(&"two".to_string())
+    });
+
+    // A broken file: Pilot says where, and keeps serving the last good state.
+    std::fs::write(&svc, "services:\n- name: reviews\n  ports: [{ port: 0 }]\n").unwrap();
+    pilot.wait_log(
+        "shop.yaml: services[0].ports[0].port: a port from 1 to 65535 is required",
+        T,
+    );
+    let w = who(tout, 6);
+    assert!(
+        w.contains(&"one".to_string()) && w.contains(&"two".to_string()),
+        "{w:?}"
+    );
+    std::fs::write(&svc, services(&[one, two])).unwrap();
+
+    // Envoy, from its own Pilot on the same registry directory.
+    let Some(envoy) = envoy_bin() else {
+        eprintln!("SKIPPED the Envoy half: no bench/.venv Envoy (scripts/test installs it)");
+        return;
+    };
+    let ep = pilot_cfg(0, eout, "pilot-e.yaml");
+    let epilot = Proc::tessera(&["pilot", "--config", ep.to_str().unwrap()]);
+    let exds = epilot.logged_addr("pilot ready", T);
+    let eboot = dir.write(
+        "envoy.yaml",
+        &bootstrap(exds, "sidecar~127.0.0.1~web-2.shop~shop.svc.cluster.local"),
+    );
+    let _e = spawn_envoy(&envoy, &eboot, eout);
+    wait_until("Envoy routes to reviews", || who(eout, 1) != ["-"]);
+    let mut seen = who(eout, 8);
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, ["one", "two"], "Envoy balances over both instances Pilot sent");
+}
+
+#[test]
+fn a_broken_pilot_config_names_the_field() {
+    let dir = TempDir::new("pilot-bad");
+    let f = dir.write("pilot.yaml", "xds: { listen: \"nowhere\" }\npush: { debounce: soon }\n");
+    let out = std::process::Command::new(bin())
+        .args(["pilot", "--config", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "xds.listen: `nowhere` is not an IP:port address",
+        "push.debounce: `soon` is not a duration",
+        "registries: a registry is required",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in {err}");
+    }
+}
+
+#[test]
+fn the_example_pilot_config_and_services_load() {
+    let cfg = tessera_pilot::config::Config::load(&repo().join("examples/pilot.yaml")).unwrap();
+    let dir = cfg.file_dir.unwrap();
+    let files = tessera_pilot::file::files(&dir).unwrap();
+    assert!(!files.is_empty(), "{}", dir.display());
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        tessera_pilot::file::parse(&text, &f.display().to_string(), "file").unwrap();
+    }
+}
