@@ -14,6 +14,7 @@ mod mesh;
 mod policy;
 mod rpc;
 pub mod telemetry;
+mod time;
 mod tls;
 mod traffic;
 mod yaml;
@@ -26,6 +27,7 @@ pub use load::{DEFAULT_DRAIN_TIME, DEFAULT_ROUTE_TIMEOUT, DEFAULT_RPC_TIMEOUT, s
 pub use mesh::{MeshSpec, SampleService, SidecarSpec};
 pub use policy::*;
 pub use rpc::*;
+pub use time::{rfc3339, rfc3339_secs};
 pub use tls::*;
 pub use traffic::*;
 pub use yaml::Mark;

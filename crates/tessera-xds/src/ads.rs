@@ -21,6 +21,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::rpc::Status;
 use serde_json::{Value, json};
 use tessera_model as model;
+use tessera_model::rfc3339;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -140,29 +141,6 @@ pub struct DumpView {
     mode: &'static str,
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
 impl DumpView {
     /// Envoy's `configs` list: listeners, clusters, routes and endpoints, each resource with its
     /// version and last update; the last NACK of each type under `error_state`.
@@ -263,6 +241,12 @@ impl Out {
 
     /// SotW: every request is the type's whole state (version, names, nonce, error).
     fn sotw(&mut self, state: &State, ty: Ty, error: Option<&str>) {
+        self.sotw_with(state, ty, true, error);
+    }
+
+    /// `with_nonce: false` for the first request of a new stream: the server has no nonce of
+    /// ours to match.
+    fn sotw_with(&mut self, state: &State, ty: Ty, with_nonce: bool, error: Option<&str>) {
         let ts = &state.types[ty as usize];
         let req = DiscoveryRequest {
             version_info: ts.version.clone(),
@@ -273,7 +257,7 @@ impl Out {
                 ts.names.iter().cloned().collect()
             },
             type_url: ty.url().to_string(),
-            response_nonce: ts.nonce.clone(),
+            response_nonce: if with_nonce { ts.nonce.clone() } else { String::new() },
             error_detail: Self::status(error),
             ..Default::default()
         };
@@ -292,24 +276,7 @@ impl Out {
     /// The first request for a type on this stream.
     fn initial(&mut self, state: &State, ty: Ty) {
         match self.mode {
-            XdsMode::Sotw => {
-                // A new stream: the server has no nonce of ours to match.
-                let ts = &state.types[ty as usize];
-                let req = DiscoveryRequest {
-                    version_info: ts.version.clone(),
-                    node: self.node(),
-                    resource_names: if ty.wildcard() {
-                        Vec::new()
-                    } else {
-                        ts.names.iter().cloned().collect()
-                    },
-                    type_url: ty.url().to_string(),
-                    ..Default::default()
-                };
-                if let Some(tx) = &self.sotw {
-                    let _ = tx.send(req);
-                }
-            }
+            XdsMode::Sotw => self.sotw_with(state, ty, false, None),
             XdsMode::Delta => {
                 let ts = &state.types[ty as usize];
                 self.delta(DeltaDiscoveryRequest {

@@ -98,6 +98,52 @@ pub fn bootstrap(b: &Bootstrap) -> Result<model::Config, Vec<Unsupported>> {
     })
 }
 
+/// An Envoy v3 bootstrap (YAML) for a sidecar whose listeners and clusters all come over ADS
+/// from `ads` (plaintext, HTTP/2): what `tessera up`, the tests and the benchmarks give Tessera
+/// and Envoy alike. `api_type` is `GRPC` (state of the world) or `DELTA_GRPC`; `admin` adds an
+/// admin listener on 127.0.0.1 (0: any free port).
+pub fn ads_bootstrap_yaml(
+    node_id: &str,
+    node_cluster: &str,
+    ads: std::net::SocketAddr,
+    admin: Option<u16>,
+    api_type: &str,
+) -> String {
+    let admin = admin
+        .map(|p| format!("admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}\n"))
+        .unwrap_or_default();
+    format!(
+        r#"node:
+  id: {node_id}
+  cluster: {node_cluster}
+{admin}dynamic_resources:
+  ads_config:
+    api_type: {api_type}
+    transport_api_version: V3
+    grpc_services:
+    - envoy_grpc: {{cluster_name: xds-grpc}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}
+"#,
+        ads.ip(),
+        ads.port()
+    )
+}
+
 /// How a sidecar talks to its control plane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XdsMode {

@@ -87,16 +87,7 @@ pub(crate) fn dubbo_proxy(d: &DubboProxy, at: &str, p: &mut Problems) -> Option<
             };
             let cluster = match &action.cluster_specifier {
                 Some(route_action::ClusterSpecifier::Cluster(c)) => model::ClusterSpecifier::Cluster(c.clone()),
-                Some(route_action::ClusterSpecifier::WeightedClusters(w)) => model::ClusterSpecifier::WeightedClusters(
-                    w.clusters
-                        .iter()
-                        .map(|c| model::WeightedCluster {
-                            name: c.name.clone(),
-                            weight: c.weight.as_ref().map_or(0, |w| w.value),
-                            metadata_match: crate::cluster::lb_labels(c.metadata_match.as_ref()),
-                        })
-                        .collect(),
-                ),
+                Some(route_action::ClusterSpecifier::WeightedClusters(w)) => crate::route::weighted_clusters(w),
                 None => {
                     p.add(format!("{rat}.route"), "a route action needs a cluster");
                     continue;

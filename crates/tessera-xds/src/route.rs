@@ -239,16 +239,7 @@ fn forward(
 ) -> Option<model::ForwardAction> {
     let cluster = match &a.cluster_specifier {
         Some(route_action::ClusterSpecifier::Cluster(c)) => model::ClusterSpecifier::Cluster(c.clone()),
-        Some(route_action::ClusterSpecifier::WeightedClusters(w)) => model::ClusterSpecifier::WeightedClusters(
-            w.clusters
-                .iter()
-                .map(|c| model::WeightedCluster {
-                    name: c.name.clone(),
-                    weight: c.weight.as_ref().map_or(0, |w| w.value),
-                    metadata_match: crate::cluster::lb_labels(c.metadata_match.as_ref()),
-                })
-                .collect(),
-        ),
+        Some(route_action::ClusterSpecifier::WeightedClusters(w)) => weighted_clusters(w),
         Some(_) => {
             p.add(
                 format!("{at}.cluster_specifier"),
@@ -791,6 +782,22 @@ fn string(matcher: model::StringMatch) -> model::HeaderMatchSpec {
         matcher,
         ignore_case: false,
     }
+}
+
+/// Weighted clusters (also Dubbo routes'), with their `envoy.lb` subset labels.
+pub(crate) fn weighted_clusters(
+    w: &envoy_types::pb::envoy::config::route::v3::WeightedCluster,
+) -> model::ClusterSpecifier {
+    model::ClusterSpecifier::WeightedClusters(
+        w.clusters
+            .iter()
+            .map(|c| model::WeightedCluster {
+                name: c.name.clone(),
+                weight: c.weight.as_ref().map_or(0, |w| w.value),
+                metadata_match: crate::cluster::lb_labels(c.metadata_match.as_ref()),
+            })
+            .collect(),
+    )
 }
 
 pub(crate) fn header_options(v: &[HeaderValueOption], at: &str, p: &mut Problems) -> Vec<model::HeaderValueOption> {

@@ -153,6 +153,13 @@ fn name_of(any: &Any) -> String {
     n.unwrap_or_default()
 }
 
+/// The node metadata's keys (what a test wants to see arrived).
+fn meta_keys(node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> Vec<String> {
+    node.and_then(|n| n.metadata.as_ref())
+        .map(|m| m.fields.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
 fn hash_version(a: &Any) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     a.value.hash(&mut h);
@@ -194,7 +201,7 @@ impl AggregatedDiscoveryService for Svc {
                                 initial: BTreeMap::new(),
                                 error: r.error_detail.as_ref().map(|e| e.message.clone()),
                                 node_id: r.node.as_ref().map(|n| n.id.clone()),
-                                node_meta: r.node.as_ref().and_then(|n| n.metadata.as_ref()).map(|m| m.fields.keys().cloned().collect()).unwrap_or_default(),
+                                node_meta: meta_keys(r.node.as_ref()),
                                 delta: false,
                                 stream,
                             });
@@ -279,7 +286,7 @@ impl AggregatedDiscoveryService for Svc {
                                 initial: r.initial_resource_versions.clone().into_iter().collect(),
                                 error: r.error_detail.as_ref().map(|e| e.message.clone()),
                                 node_id: r.node.as_ref().map(|n| n.id.clone()),
-                                node_meta: r.node.as_ref().and_then(|n| n.metadata.as_ref()).map(|m| m.fields.keys().cloned().collect()).unwrap_or_default(),
+                                node_meta: meta_keys(r.node.as_ref()),
                                 delta: true,
                                 stream,
                             });

@@ -93,36 +93,15 @@ fn a_broken_bootstrap_is_refused_with_the_reason() {
     assert!(out.contains("bad.yaml") && out.contains("conect_timeout"), "{out}");
 }
 
-fn envoy() -> Option<PathBuf> {
-    let venv = repo().join("bench/.venv/lib");
-    let entries = std::fs::read_dir(&venv).ok()?;
-    entries
-        .flatten()
-        .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
-        .find(|p| p.exists())
-}
-
 /// Envoy 1.40 on `config`, once it accepts connections on `listen`; `None` (and a note) when it
 /// is not installed.
 fn start_envoy(config: &std::path::Path, listen: u16) -> Option<Proc> {
-    let Some(envoy) = envoy() else {
+    let Some(envoy) = envoy_bin() else {
         // `.ci/run` installs Envoy (scripts/test); a developer machine may not have it yet.
         eprintln!("SKIPPED the Envoy half: no bench/.venv Envoy (run scripts/test or bench/run once)");
         return None;
     };
-    let e = Proc::spawn(
-        Command::new(envoy)
-            .args([
-                "-c",
-                config.to_str().unwrap(),
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "error",
-            ])
-            .args(["--base-id", &(u32::from(listen) % 60_000 + 1000).to_string()]),
-    );
+    let e = spawn_envoy(&envoy, config, listen);
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", listen)).is_err() {
         assert!(Instant::now() < deadline, "Envoy did not start:\n{}", e.log());

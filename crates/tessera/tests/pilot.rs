@@ -12,30 +12,7 @@ use common::*;
 const T: Duration = Duration::from_secs(30);
 
 fn bootstrap(xds: SocketAddr, id: &str) -> String {
-    format!(
-        r#"node: {{id: {id}, cluster: web}}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]
-"#,
-        xds.port()
-    )
+    tessera_xds::bootstrap::ads_bootstrap_yaml(id, "web", xds, None, "GRPC")
 }
 
 fn services(instances: &[SocketAddr]) -> String {

@@ -26,36 +26,12 @@ fn ads_start(port: u16) -> AdsServer {
 
 /// An Envoy v3 bootstrap whose listeners and clusters come from the ADS server at `ads`.
 pub fn ads_bootstrap(ads: SocketAddr, admin: u16, api_type: &str) -> String {
-    format!(
-        r#"node:
-  id: sidecar~127.0.0.1~web-1.default~default.svc.cluster.local
-  cluster: web.default
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: {api_type}
-    transport_api_version: V3
-    grpc_services:
-    - envoy_grpc: {{cluster_name: xds-grpc}}
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}
-"#,
-        ads.port()
+    tessera_xds::bootstrap::ads_bootstrap_yaml(
+        "sidecar~127.0.0.1~web-1.default~default.svc.cluster.local",
+        "web.default",
+        ads,
+        Some(admin),
+        api_type,
     )
 }
 
