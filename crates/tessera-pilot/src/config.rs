@@ -10,6 +10,8 @@
 //!   debounce_max: 1s                 # longest a change waits
 //! sidecar:
 //!   outbound_http: 127.0.0.1:15001   # the HTTP listener every sidecar gets
+//! admin:
+//!   listen: 127.0.0.1:15014          # /debug/syncz, /ready (absent: no admin API)
 //! ```
 
 use std::net::SocketAddr;
@@ -35,6 +37,8 @@ pub struct Config {
     pub debounce_max: Duration,
     /// What sidecars get.
     pub sidecar: crate::translate::SidecarSettings,
+    /// The admin API's address, if any.
+    pub admin: Option<SocketAddr>,
 }
 
 fn duration(s: &str) -> Option<Duration> {
@@ -85,12 +89,13 @@ impl Config {
         let debounce = get("/push/debounce", "push.debounce");
         let debounce_max = get("/push/debounce_max", "push.debounce_max");
         let outbound = get("/sidecar/outbound_http", "sidecar.outbound_http");
+        let admin = get("/admin/listen", "admin.listen");
         if let Some(o) = doc.as_object() {
             for k in o.keys() {
-                if !["xds", "registries", "push", "sidecar"].contains(&k.as_str()) {
+                if !["xds", "registries", "push", "sidecar", "admin"].contains(&k.as_str()) {
                     problems.push(problem(
                         k,
-                        "unknown field (known: xds, registries, push, sidecar)".into(),
+                        "unknown field (known: xds, registries, push, sidecar, admin)".into(),
                     ));
                 }
             }
@@ -116,6 +121,7 @@ impl Config {
             sidecar: crate::translate::SidecarSettings {
                 outbound_http: addr(outbound, "sidecar.outbound_http", "127.0.0.1:15001", &mut problems),
             },
+            admin: admin.map(|a| addr(Some(a), "admin.listen", "127.0.0.1:15014", &mut problems)),
         };
         if cfg.file_dir.is_none() {
             problems.push(problem(

@@ -21,8 +21,8 @@ pub fn listen(cfg: &Config) -> Result<AdsServer, Error> {
 /// Why Pilot could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The ADS server could not listen.
-    #[error("xds.listen {addr}: {source}")]
+    /// The ADS server or the admin API could not listen.
+    #[error("cannot listen on {addr}: {source}")]
     Listen {
         /// The address.
         addr: std::net::SocketAddr,
@@ -81,13 +81,63 @@ impl Files {
     }
 }
 
-/// Feeds `ads` from the registries until the future is dropped.
-pub async fn run(cfg: Config, ads: AdsServer) {
+/// The admin API: `/debug/syncz` (every connected sidecar: node, mode, per type the version
+/// ACKed and the last NACK) and `/ready`.
+async fn admin(listener: tokio::net::TcpListener, ads: std::sync::Arc<AdsServer>) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let ads = ads.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let ads = ads.clone();
+                async move {
+                    let (status, ctype, body) = match req.uri().path() {
+                        "/debug/syncz" => (
+                            200,
+                            "application/json",
+                            serde_json::to_string_pretty(&ads.syncz()).unwrap_or_default(),
+                        ),
+                        "/ready" => (200, "text/plain", "LIVE\n".to_string()),
+                        _ => (404, "text/plain", "paths: /debug/syncz, /ready\n".to_string()),
+                    };
+                    let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+                    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(ctype),
+                    );
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Feeds `ads` from the registries (and serves the admin API) until the future is dropped.
+pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
+    let ads = std::sync::Arc::new(ads);
+    if let Some(at) = cfg.admin {
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|source| Error::Listen { addr: at, source })?;
+        let bound = l.local_addr().unwrap_or(at);
+        tracing::info!(address = %bound, "pilot admin API ready");
+        tokio::spawn(admin(l, ads.clone()));
+    }
     let mut files = Files::default();
     let mut version = 0u64;
     let mut current = Snapshot::default();
     let mut pending_since: Option<Instant> = None;
     let mut last_change = Instant::now();
+    let mut last: BTreeMap<&'static str, Vec<envoy_types::pb::google::protobuf::Any>> = BTreeMap::new();
     loop {
         if let Some(dir) = &cfg.file_dir
             && files.refresh(dir)
@@ -108,16 +158,31 @@ pub async fn run(cfg: Config, ads: AdsServer) {
         {
             version += 1;
             let started = Instant::now();
-            let r = crate::translate::translate(&current, &cfg.sidecar);
+            let r = crate::translate::translate(&current, &cfg.sidecar).by_type();
             let v = version.to_string();
-            ads.set_all(r.by_type().into_iter().map(|(t, res)| (t, v.as_str(), res)).collect());
+            // Only the types whose resources changed are pushed: an instance change is EDS alone.
+            let mut changed: Vec<(&str, &str, Vec<envoy_types::pb::google::protobuf::Any>)> = Vec::new();
+            for (t, res) in r {
+                if last.get(t) != Some(&res) {
+                    last.insert(t, res.clone());
+                    changed.push((t, v.as_str(), res));
+                }
+            }
+            let types: Vec<&str> = changed
+                .iter()
+                .map(|(t, _, _)| t.rsplit('.').next().unwrap_or(t))
+                .collect();
             tracing::info!(
                 version,
                 services = current.services.len(),
+                types = %types.join(","),
                 waited = ?since.elapsed(),
                 translate = ?started.elapsed(),
                 "pushed"
             );
+            if !changed.is_empty() {
+                ads.set_all(changed);
+            }
             pending_since = None;
         }
         let tick = if pending_since.is_some() {

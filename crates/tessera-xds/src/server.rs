@@ -7,7 +7,7 @@
 //! The tests and the xDS benchmark drive sidecars (Tessera's and Envoy's) with it; Pilot's xDS
 //! server will grow from it (per-node scoping, debouncing and push metrics are not here yet).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,29 +89,95 @@ struct Snap {
 struct Shared {
     snaps: Mutex<HashMap<String, Snap>>,
     changed: watch::Sender<u64>,
-    log: Mutex<Vec<Req>>,
+    log: Mutex<VecDeque<Req>>,
     nonce: AtomicU64,
     streams: AtomicU64,
     raw: broadcast::Sender<DiscoveryResponse>,
-    sent: Mutex<Vec<Sent>>,
+    sent: Mutex<VecDeque<Sent>>,
+    /// Connected streams, for `syncz`.
+    syncz: Mutex<BTreeMap<u64, StreamSync>>,
     /// Delta: the system version each response nonce carried, so an ACK can be logged with it.
     delta_versions: Mutex<HashMap<String, String>>,
 }
 
+/// What `/debug/syncz` shows of one stream.
+#[derive(Debug, Clone, Default)]
+struct StreamSync {
+    node_id: String,
+    delta: bool,
+    since: Option<std::time::SystemTime>,
+    /// Per type URL: last version ACKed, its nonce, the last NACK, counts.
+    types: BTreeMap<String, TypeSync>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TypeSync {
+    acked: String,
+    nonce: String,
+    last_nack: Option<String>,
+    acks: u64,
+    nacks: u64,
+}
+
 impl Shared {
+    fn record_request(&self, r: Req) {
+        {
+            let mut all = lock(&self.syncz);
+            let st = all.entry(r.stream).or_default();
+            if let Some(id) = &r.node_id {
+                st.node_id.clone_from(id);
+            }
+            st.delta = r.delta;
+            st.since.get_or_insert_with(std::time::SystemTime::now);
+            let t = st.types.entry(r.type_url.clone()).or_default();
+            if !r.nonce.is_empty() {
+                t.nonce.clone_from(&r.nonce);
+                match &r.error {
+                    Some(e) => {
+                        t.nacks += 1;
+                        t.last_nack = Some(e.clone());
+                    }
+                    None => {
+                        t.acks += 1;
+                        t.acked.clone_from(&r.version);
+                    }
+                }
+            }
+        }
+        bounded_push(&mut lock(&self.log), r);
+    }
+
+    fn stream_ended(&self, stream: u64) {
+        lock(&self.syncz).remove(&stream);
+    }
+
     fn record(&self, type_url: &str, version: &str, nonce: &str, resources: usize) {
-        lock(&self.sent).push(Sent {
-            at: Instant::now(),
-            type_url: type_url.to_string(),
-            version: version.to_string(),
-            nonce: nonce.to_string(),
-            resources,
-        });
+        bounded_push(
+            &mut lock(&self.sent),
+            Sent {
+                at: Instant::now(),
+                type_url: type_url.to_string(),
+                version: version.to_string(),
+                nonce: nonce.to_string(),
+                resources,
+            },
+        );
     }
 
     fn next_nonce(&self) -> String {
         format!("n{}", self.nonce.fetch_add(1, Ordering::Relaxed) + 1)
     }
+}
+
+/// Requests and responses remembered (the oldest go first), so a long-running server's logs
+/// stay bounded.
+const LOG_LIMIT: usize = 65_536;
+
+fn bounded_push<T>(q: &mut VecDeque<T>, item: T) {
+    if q.len() >= LOG_LIMIT {
+        q.pop_front();
+    }
+    q.push_back(item);
 }
 
 /// A poisoned lock only means a panicking thread held it; the data is still usable here.
@@ -191,7 +257,7 @@ impl AggregatedDiscoveryService for Svc {
                 let types: Vec<String> = tokio::select! {
                     m = inbound.message() => match m {
                         Ok(Some(r)) => {
-                            lock(&sh.log).push(Req {
+                            sh.record_request(Req {
                                 at: Instant::now(),
                                 type_url: r.type_url.clone(),
                                 version: r.version_info.clone(),
@@ -250,10 +316,12 @@ impl AggregatedDiscoveryService for Svc {
                     sh.record(&resp.type_url, &resp.version_info, &resp.nonce, resp.resources.len());
                     sent.insert(t, key);
                     if tx.send(Ok(resp)).await.is_err() {
+                        sh.stream_ended(stream);
                         return;
                     }
                 }
             }
+            sh.stream_ended(stream);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -276,7 +344,7 @@ impl AggregatedDiscoveryService for Svc {
                     m = inbound.message() => match m {
                         Ok(Some(r)) => {
                             let acked = lock(&sh.delta_versions).get(&r.response_nonce).cloned();
-                            lock(&sh.log).push(Req {
+                            sh.record_request(Req {
                                 at: Instant::now(),
                                 type_url: r.type_url.clone(),
                                 version: acked.unwrap_or_default(),
@@ -345,7 +413,14 @@ impl AggregatedDiscoveryService for Svc {
                         continue;
                     }
                     let nonce = sh.next_nonce();
-                    lock(&sh.delta_versions).insert(nonce.clone(), snap.version.clone());
+                    {
+                        let mut v = lock(&sh.delta_versions);
+                        // Nonces older than the last few thousand are never ACKed any more.
+                        if v.len() >= LOG_LIMIT {
+                            v.clear();
+                        }
+                        v.insert(nonce.clone(), snap.version.clone());
+                    }
                     let resp = DeltaDiscoveryResponse {
                         system_version_info: snap.version.clone(),
                         resources,
@@ -361,10 +436,12 @@ impl AggregatedDiscoveryService for Svc {
                         resp.resources.len(),
                     );
                     if tx.send(Ok(resp)).await.is_err() {
+                        sh.stream_ended(stream);
                         return;
                     }
                 }
             }
+            sh.stream_ended(stream);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -440,12 +517,13 @@ impl AdsServer {
         let shared = Arc::new(Shared {
             snaps: Mutex::new(HashMap::new()),
             changed,
-            log: Mutex::new(Vec::new()),
+            log: Mutex::new(VecDeque::new()),
             nonce: AtomicU64::new(0),
             streams: AtomicU64::new(0),
             raw,
             delta_versions: Mutex::new(HashMap::new()),
-            sent: Mutex::new(Vec::new()),
+            sent: Mutex::new(VecDeque::new()),
+            syncz: Mutex::new(BTreeMap::new()),
         });
         let svc = AggregatedDiscoveryServiceServer::new(Svc(shared.clone())).max_decoding_message_size(64 << 20);
         // Served by hyper's HTTP/2 server directly (tonic's own server needs its `router` feature).
@@ -519,9 +597,9 @@ impl AdsServer {
         let _ = self.shared.raw.send(resp);
     }
 
-    /// Every request so far.
+    /// The requests so far (the last 65,536).
     pub fn requests(&self) -> Vec<Req> {
-        lock(&self.shared.log).clone()
+        lock(&self.shared.log).iter().cloned().collect()
     }
 
     /// Streams opened so far.
@@ -529,9 +607,44 @@ impl AdsServer {
         self.shared.streams.load(Ordering::Relaxed)
     }
 
-    /// Every response so far.
+    /// Istio's `/debug/syncz`, for every connected stream: the node, state of the world or
+    /// delta, and per type the version ACKed, the nonce, the last NACK and the counts.
+    pub fn syncz(&self) -> serde_json::Value {
+        let all = lock(&self.shared.syncz);
+        let list: Vec<serde_json::Value> = all
+            .iter()
+            .map(|(stream, st)| {
+                let types: serde_json::Map<String, serde_json::Value> = st
+                    .types
+                    .iter()
+                    .map(|(t, ts)| {
+                        (
+                            t.rsplit('.').next().unwrap_or(t).to_string(),
+                            serde_json::json!({
+                                "acked_version": ts.acked,
+                                "nonce": ts.nonce,
+                                "acks": ts.acks,
+                                "nacks": ts.nacks,
+                                "last_nack": ts.last_nack,
+                            }),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({
+                    "stream": stream,
+                    "node": st.node_id,
+                    "mode": if st.delta { "delta" } else { "sotw" },
+                    "connected_since": st.since.map(tessera_model::rfc3339),
+                    "types": types,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
+
+    /// The responses so far (the last 65,536).
     pub fn sent(&self) -> Vec<Sent> {
-        lock(&self.shared.sent).clone()
+        lock(&self.shared.sent).iter().cloned().collect()
     }
 
     fn timed_out(&self, what: &str, limit: Duration) -> String {

@@ -180,7 +180,7 @@ fn main() -> ExitCode {
             tracing::info!(address = %ads.addr, "pilot ready");
             runtime()?.block_on(async {
                 tokio::select! {
-                    () = tessera_pilot::run::run(cfg, ads) => Ok(()),
+                    r = tessera_pilot::run::run(cfg, ads) => r.map_err(|e| anyhow::anyhow!("pilot: {e}")),
                     r = wait_for_stop(None) => r,
                 }
             })

@@ -67,7 +67,7 @@ fn pilot_serves_file_registered_services_to_tessera_and_envoy() {
         dir.write(
             name,
             &format!(
-                "xds: {{ listen: \"127.0.0.1:{xds}\" }}\nregistries: {{ file: {{ dir: services, watch_interval: 200ms }} }}\nsidecar: {{ outbound_http: \"127.0.0.1:{out}\" }}\n"
+                "xds: {{ listen: \"127.0.0.1:{xds}\" }}\nregistries: {{ file: {{ dir: services, watch_interval: 200ms }} }}\nsidecar: {{ outbound_http: \"127.0.0.1:{out}\" }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\n"
             ),
         )
     };
