@@ -656,20 +656,29 @@ impl ClusterRt {
                 }
             }
             self.stats.membership_total.set(hosts.len() as i64);
-            self.snapshot.store(Arc::new(Snapshot {
-                hosts,
-                main: None,
-                subsets: Vec::new(),
-                default_subset: None,
-            }));
+            // Straight to the complete snapshot: a half-built one (hosts without their priority
+            // set) would leave a worker picking in between with no host, answering 503.
+            self.rebuild_with(hosts);
+        } else {
+            self.rebuild();
         }
-        self.rebuild();
     }
 
     /// Builds a new snapshot from the members' current state. Control side only.
     pub(crate) fn rebuild(&self) {
         let _serial = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
         let hosts = self.snapshot.load().hosts.clone();
+        self.publish(hosts);
+    }
+
+    /// Builds and publishes the snapshot of new members. Control side only.
+    fn rebuild_with(&self, hosts: Vec<Arc<Host>>) {
+        let _serial = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+        self.publish(hosts);
+    }
+
+    /// The snapshot of `hosts` as they are now; the caller holds `rebuilding`.
+    fn publish(&self, hosts: Vec<Arc<Host>>) {
         let now = now_ms();
         let node = self.node_locality.as_ref();
         let subsets: Vec<BTreeMap<String, String>> = self.subsets.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -339,3 +339,38 @@ fn retries_find_the_one_untried_host_even_when_random_keeps_missing_it() {
         );
     }
 }
+
+/// Endpoints replaced while workers pick (an EDS push under traffic): every pick finds a host.
+/// A snapshot published with its hosts but not yet its priority set used to answer 503 here.
+#[test]
+fn picks_never_miss_while_endpoints_are_replaced() {
+    let c = Arc::new(cluster_with(
+        "- name: c\n  endpoints: [{ address: \"10.0.0.1:80\" }]\n",
+        None,
+    ));
+    let flipper = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            for i in 0..3_000u16 {
+                let mut a = model::Endpoint::new("10.0.0.1", 80);
+                let mut b = model::Endpoint::new("10.0.0.2", 80 + (i % 7));
+                a.weight = 1 + u32::from(i % 3);
+                b.weight = 1;
+                let eps = if i % 2 == 0 { vec![a] } else { vec![a, b] };
+                c.set_endpoints(&eps);
+            }
+        })
+    };
+    let mut missed = 0;
+    let mut picks = 0;
+    while !flipper.is_finished() {
+        for _ in 0..100 {
+            picks += 1;
+            if c.pick(&PickContext::default()).is_none() {
+                missed += 1;
+            }
+        }
+    }
+    flipper.join().unwrap();
+    assert_eq!(missed, 0, "{missed} of {picks} picks found no host");
+}
