@@ -5,6 +5,7 @@
 //!   listen: 127.0.0.1:15010          # the ADS server (state of the world and delta)
 //! registries:
 //!   file: { dir: services, watch_interval: 1s }   # relative to this file
+//!   api: { listen: 127.0.0.1:15080 }               # the Open Service Registry REST API
 //! push:
 //!   debounce: 100ms                  # quiet period before a push
 //!   debounce_max: 1s                 # longest a change waits
@@ -39,6 +40,8 @@ pub struct Config {
     pub sidecar: crate::translate::SidecarSettings,
     /// The admin API's address, if any.
     pub admin: Option<SocketAddr>,
+    /// The Open Service Registry API's address, if any.
+    pub api: Option<SocketAddr>,
 }
 
 fn duration(s: &str) -> Option<Duration> {
@@ -90,6 +93,7 @@ impl Config {
         let debounce_max = get("/push/debounce_max", "push.debounce_max");
         let outbound = get("/sidecar/outbound_http", "sidecar.outbound_http");
         let admin = get("/admin/listen", "admin.listen");
+        let api = get("/registries/api/listen", "registries.api.listen");
         if let Some(o) = doc.as_object() {
             for k in o.keys() {
                 if !["xds", "registries", "push", "sidecar", "admin"].contains(&k.as_str()) {
@@ -122,11 +126,12 @@ impl Config {
                 outbound_http: addr(outbound, "sidecar.outbound_http", "127.0.0.1:15001", &mut problems),
             },
             admin: admin.map(|a| addr(Some(a), "admin.listen", "127.0.0.1:15014", &mut problems)),
+            api: api.map(|a| addr(Some(a), "registries.api.listen", "127.0.0.1:15080", &mut problems)),
         };
-        if cfg.file_dir.is_none() {
+        if cfg.file_dir.is_none() && cfg.api.is_none() {
             problems.push(problem(
                 "registries",
-                "a registry is required: `file: { dir: ... }` (etcd, ZooKeeper and the Open Service Registry API are not built yet)".into(),
+                "a registry is required: `file: { dir: ... }` or `api: { listen: ... }` (etcd and ZooKeeper are not built yet)".into(),
             ));
         }
         if problems.is_empty() { Ok(cfg) } else { Err(problems) }

@@ -104,17 +104,23 @@ impl Ctx<'_> {
 
 /// Parses one file's text into services and instances; every problem is listed.
 pub fn parse(text: &str, file: &str, source: &str) -> Result<Snapshot, Vec<Problem>> {
+    match tessera_xds::load::yaml_to_json(text) {
+        Ok(doc) => parse_value(&doc, file, source),
+        Err(e) => Err(vec![Problem {
+            file: file.to_string(),
+            path: "(file)".into(),
+            reason: format!("not YAML: {e}"),
+        }]),
+    }
+}
+
+/// [`parse`] on a document already read (the registry API's JSON bodies use the same checks).
+pub fn parse_value(doc: &Value, file: &str, source: &str) -> Result<Snapshot, Vec<Problem>> {
     let mut cx = Ctx {
         file,
         problems: Vec::new(),
     };
-    let doc = match tessera_xds::load::yaml_to_json(text) {
-        Ok(v) => v,
-        Err(e) => {
-            cx.add("(file)", format!("not YAML: {e}"));
-            return Err(cx.problems);
-        }
-    };
+    let doc = doc.clone();
     let mut snap = Snapshot::default();
     let Some(top) = cx.fields(&doc, "(top)", &["services"]) else {
         return Err(cx.problems);

@@ -1,11 +1,12 @@
 //! Pilot (issue 9, first slice): one service model ([`model`]) fed by registries (so far the
-//! file registry, [`file`]), translated into Envoy resources ([`translate`]) and served over ADS
+//! file registry, [`file`], and the Open Service Registry REST API, [`api`]), translated into Envoy resources ([`translate`]) and served over ADS
 //! (state of the world and delta) from `tessera_xds::server`, with debounced pushes ([`run`]).
 //!
-//! Not built yet (issue 9): the embedded redb / etcd store, the Open Service Registry API, the
+//! Not built yet (issue 9): the embedded redb / etcd store, the registry API's gRPC part, the
 //! ZooKeeper and etcd adapters, Istio traffic configuration, per-node scoping, push metrics,
 //! `/debug/syncz`, TCP and RPC ports in the generated sidecar config.
 
+pub mod api;
 pub mod config;
 pub mod file;
 pub mod model;

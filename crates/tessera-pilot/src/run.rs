@@ -132,6 +132,17 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
         tracing::info!(address = %bound, "pilot admin API ready");
         tokio::spawn(admin(l, ads.clone()));
     }
+    let api = crate::api::ApiRegistry::new();
+    let mut api_changed = api.subscribe();
+    if let Some(at) = cfg.api {
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|source| Error::Listen { addr: at, source })?;
+        let bound = l.local_addr().unwrap_or(at);
+        tracing::info!(address = %bound, "pilot registry API ready");
+        tokio::spawn(crate::api::serve(l, api.clone()));
+    }
+    let mut api_seen = 0u64;
     let mut files = Files::default();
     let mut version = 0u64;
     let mut current = Snapshot::default();
@@ -139,12 +150,25 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
     let mut last_change = Instant::now();
     let mut last: BTreeMap<&'static str, Vec<envoy_types::pb::google::protobuf::Any>> = BTreeMap::new();
     loop {
-        if let Some(dir) = &cfg.file_dir
-            && files.refresh(dir)
-        {
-            let (snap, clashes) = crate::file::merge(&files.good);
+        api.expire(Instant::now());
+        let api_now = *api_changed.borrow_and_update();
+        let files_changed = cfg.file_dir.as_ref().is_some_and(|dir| files.refresh(dir));
+        if files_changed || api_now != api_seen {
+            api_seen = api_now;
+            let (mut snap, clashes) = crate::file::merge(&files.good);
             for c in clashes {
                 tracing::warn!("{c}");
+            }
+            // Registrations through the API join what the files define; a file's service wins.
+            let registered = api.snapshot();
+            for (k, svc) in registered.services {
+                if snap.services.contains_key(&k) {
+                    tracing::warn!(service = %k, "registered through the API and defined by a file; the file's definition is used");
+                    continue;
+                }
+                snap.instances
+                    .insert(k.clone(), registered.instances.get(&k).cloned().unwrap_or_default());
+                snap.services.insert(k, svc);
             }
             if snap != current {
                 current = snap;
@@ -188,8 +212,12 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
         let tick = if pending_since.is_some() {
             cfg.debounce.min(Duration::from_millis(50))
         } else {
-            cfg.watch_interval
+            // Often enough for TTLs to lapse on time.
+            cfg.watch_interval.min(Duration::from_millis(500))
         };
-        tokio::time::sleep(tick).await;
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            _ = api_changed.changed() => {}
+        }
     }
 }

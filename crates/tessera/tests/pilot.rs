@@ -150,3 +150,112 @@ fn the_example_pilot_config_and_services_load() {
         tessera_pilot::file::parse(&text, &f.display().to_string(), "file").unwrap();
     }
 }
+
+fn api(method: &str, url: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let mut args = vec!["-s", "-w", "\n%{http_code}", "-X", method, url];
+    if let Some(b) = body {
+        args.extend(["-H", "content-type: application/json", "-d", b]);
+    }
+    let out = curl_ok(&args);
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (
+        code.parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// The Open Service Registry REST API: a service and instances registered with curl reach the
+/// sidecar; a watch returns on change; a bad body is a 400 naming the field; an instance
+/// heart-beaten lives past its TTL and one left alone expires.
+#[test]
+fn instances_registered_through_the_api_reach_the_sidecar_and_expire() {
+    let (_one, one) = sample_service("one");
+    let (_two, two) = sample_service("two");
+    let dir = TempDir::new("pilot-api");
+    let out = free_port();
+    let cfg = dir.write(
+        "pilot.yaml",
+        &format!("xds: {{ listen: \"127.0.0.1:0\" }}\nregistries: {{ api: {{ listen: \"127.0.0.1:0\" }} }}\npush: {{ debounce: 50ms }}\nsidecar: {{ outbound_http: \"127.0.0.1:{out}\" }}\n"),
+    );
+    let pilot = Proc::tessera(&["pilot", "--config", cfg.to_str().unwrap()]);
+    let xds = pilot.logged_addr("pilot ready", T);
+    let reg = pilot.logged_addr("pilot registry API ready", T);
+    let base = format!("http://{reg}/v1/namespaces/shop/services/reviews");
+
+    let (code, _) = api(
+        "PUT",
+        &base,
+        Some(r#"{"ports": [{"name": "http", "port": 9080, "protocol": "http"}]}"#),
+    );
+    assert_eq!(code, 201);
+    let (code, v) = api(
+        "PUT",
+        &format!("{base}/instances/i1"),
+        Some(&format!(
+            r#"{{"address": "127.0.0.1", "port": {}, "ttl": "2s"}}"#,
+            one.port()
+        )),
+    );
+    assert_eq!(code, 201, "{v}");
+    let boot = dir.write(
+        "sidecar.yaml",
+        &bootstrap(xds, "sidecar~127.0.0.1~web-1.shop~shop.svc.cluster.local"),
+    );
+    let _sidecar = Proc::tessera(&["sidecar", "--envoy-bootstrap", boot.to_str().unwrap()]);
+    wait_until("the sidecar routes to the registered instance", || {
+        who(out, 1) == ["one"]
+    });
+
+    // A watch from the current revision returns when the second instance arrives.
+    let (_, listed) = api("GET", &format!("{base}/instances"), None);
+    let rev = listed["revision"].as_u64().unwrap();
+    let watch_url = format!("{base}/instances?watch=true&sinceRevision={rev}");
+    let watcher = std::thread::spawn(move || api("GET", &watch_url, None));
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _) = api(
+        "PUT",
+        &format!("{base}/instances/i2"),
+        Some(&format!(r#"{{"address": "127.0.0.1", "port": {}}}"#, two.port())),
+    );
+    assert_eq!(code, 201);
+    let (code, seen) = watcher.join().unwrap();
+    assert_eq!(code, 200);
+    assert!(seen["revision"].as_u64().unwrap() > rev, "{seen}");
+    assert_eq!(seen["instances"].as_array().map(Vec::len), Some(2), "{seen}");
+
+    // Bad input: the field is named.
+    let (code, e) = api(
+        "PUT",
+        &format!("{base}/instances/bad"),
+        Some(r#"{"address": "somewhere", "weight": 900}"#),
+    );
+    assert_eq!(code, 400);
+    let text = e.to_string();
+    assert!(
+        text.contains("request body: services[0].instances[0].address: an IP address is required"),
+        "{text}"
+    );
+    assert!(text.contains("weight: a weight from 1 to 128"), "{text}");
+    let (code, _) = api(
+        "PUT",
+        &format!("http://{reg}/v1/namespaces/shop/services/nope/instances/x"),
+        Some(r#"{"address": "127.0.0.1"}"#),
+    );
+    assert_eq!(code, 404);
+
+    // Heartbeats keep i1 alive past its 2 s TTL; without them it expires and only two answers.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(900));
+        let (code, _) = api("POST", &format!("{base}/instances/i1/heartbeat"), None);
+        assert_eq!(code, 200);
+    }
+    assert!(who(out, 8).contains(&"one".to_string()), "i1 is still served");
+    wait_until("i1 expires", || {
+        let (_, l) = api("GET", &format!("{base}/instances"), None);
+        l["instances"].as_array().map(Vec::len) == Some(1)
+    });
+    pilot.wait_log("instance expired", T);
+    wait_until("only two answers", || who(out, 6).iter().all(|w| w == "two"));
+    let (code, _) = api("POST", &format!("{base}/instances/i1/heartbeat"), None);
+    assert_eq!(code, 404, "an expired instance must register again");
+}

@@ -1,0 +1,393 @@
+//! The Open Service Registry API, REST + JSON (first part; the gRPC event stream and sessions are
+//! not built yet). Registrations live in memory; an instance with a `ttl` is ephemeral and
+//! expires unless heart-beaten.
+//!
+//! ```text
+//! GET    /v1/services                                             {revision, services}
+//! PUT    /v1/namespaces/{ns}/services/{name}                      {ports, labels}
+//! DELETE /v1/namespaces/{ns}/services/{name}
+//! GET    /v1/namespaces/{ns}/services/{name}/instances[?watch=true&sinceRevision=N]
+//! PUT    /v1/namespaces/{ns}/services/{name}/instances/{id}       {address, port|ports, labels, weight, healthy, ttl}
+//! DELETE /v1/namespaces/{ns}/services/{name}/instances/{id}
+//! POST   /v1/namespaces/{ns}/services/{name}/instances/{id}/heartbeat
+//! ```
+//! Bodies are checked as the file registry checks its files; a bad one is a 400 naming the
+//! field. Every change bumps the revision; a watch returns as soon as the revision passes
+//! `sinceRevision`, or after 30 s with the same revision.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+
+use crate::model::{Instance, Service, Snapshot};
+
+/// How long a watch waits for a change.
+const WATCH_LIMIT: Duration = Duration::from_secs(30);
+/// Largest request body accepted.
+const MAX_BODY: usize = 1 << 20;
+
+struct Registered {
+    instance: Instance,
+    /// Ephemeral: how long it lives without a heartbeat, and when it expires.
+    ttl: Option<(Duration, Instant)>,
+}
+
+#[derive(Default)]
+struct Inner {
+    revision: u64,
+    services: BTreeMap<String, Service>,
+    instances: BTreeMap<String, BTreeMap<String, Registered>>,
+}
+
+/// The registry behind the API.
+pub struct ApiRegistry {
+    inner: Mutex<Inner>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_string_pretty(body).unwrap_or_default(),
+    )));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
+    reply(status, &json!({"error": msg.into()}))
+}
+
+fn ttl(v: &Value) -> Result<Option<Duration>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) => {
+            let (n, unit) = s
+                .find(|c: char| !c.is_ascii_digit())
+                .map(|i| s.split_at(i))
+                .ok_or("no unit")?;
+            let n: u64 = n.parse().map_err(|_| "not a number")?;
+            let d = match unit {
+                "ms" => Duration::from_millis(n),
+                "s" => Duration::from_secs(n),
+                "m" => Duration::from_secs(n * 60),
+                _ => return Err("use ms, s or m".into()),
+            };
+            if d < Duration::from_millis(100) {
+                return Err("at least 100ms".into());
+            }
+            Ok(Some(d))
+        }
+        _ => Err("a duration such as 30s".into()),
+    }
+}
+
+fn ports_json(s: &Service) -> Value {
+    Value::Array(
+        s.ports
+            .iter()
+            .map(|p| {
+                let proto = crate::model::Protocol::NAMES
+                    .iter()
+                    .find(|(_, x)| *x == p.protocol)
+                    .map_or("http", |(n, _)| n);
+                json!({"name": p.name, "port": p.port, "protocol": proto})
+            })
+            .collect(),
+    )
+}
+
+impl ApiRegistry {
+    /// An empty registry.
+    pub fn new() -> Arc<ApiRegistry> {
+        Arc::new(ApiRegistry {
+            inner: Mutex::new(Inner::default()),
+            changed: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    /// Notified on every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self, inner: &mut Inner) -> u64 {
+        inner.revision += 1;
+        self.changed.send_replace(inner.revision);
+        inner.revision
+    }
+
+    /// What is registered, for the service model.
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = lock(&self.inner);
+        Snapshot {
+            services: inner.services.clone(),
+            instances: inner
+                .services
+                .keys()
+                .map(|k| {
+                    let list = inner
+                        .instances
+                        .get(k)
+                        .map(|m| m.values().map(|r| r.instance.clone()).collect())
+                        .unwrap_or_default();
+                    (k.clone(), list)
+                })
+                .collect(),
+        }
+    }
+
+    /// Drops ephemeral instances whose TTL ran out; how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut inner = lock(&self.inner);
+        let mut n = 0;
+        for (svc, m) in inner.instances.iter_mut() {
+            m.retain(|id, r| {
+                let alive = r.ttl.is_none_or(|(_, until)| until > now);
+                if !alive {
+                    tracing::info!(service = %svc, instance = %id, "instance expired (no heartbeat within its ttl)");
+                    n += 1;
+                }
+                alive
+            });
+        }
+        if n > 0 {
+            self.bump(&mut inner);
+        }
+        n
+    }
+
+    /// Serves one request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")),
+        };
+        let path: Vec<&str> = parts.uri.path().trim_matches('/').split('/').collect();
+        let query = parts.uri.query().unwrap_or("");
+        let param = |k: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+        };
+        // The error is the message of a 400.
+        let json_body = || -> Result<Value, String> {
+            if body.is_empty() {
+                return Ok(json!({}));
+            }
+            serde_json::from_slice(&body).map_err(|e| format!("request body: not JSON: {e}"))
+        };
+        match (&parts.method, path.as_slice()) {
+            (&Method::GET, ["v1", "services"]) => {
+                let inner = lock(&self.inner);
+                let list: Vec<Value> = inner
+                    .services
+                    .values()
+                    .map(|s| json!({"namespace": s.namespace, "name": s.name, "ports": ports_json(s), "labels": s.labels}))
+                    .collect();
+                reply(StatusCode::OK, &json!({"revision": inner.revision, "services": list}))
+            }
+            (&Method::PUT, ["v1", "namespaces", ns, "services", name]) => {
+                let b = match json_body() {
+                    Ok(b) => b,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, e),
+                };
+                let Some(o) = b.as_object() else {
+                    return error(StatusCode::BAD_REQUEST, "request body: expected a JSON object");
+                };
+                if let Some(k) = o.keys().find(|k| !["ports", "labels"].contains(&k.as_str())) {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("request body: {k}: unknown field (known: ports, labels)"),
+                    );
+                }
+                let mut svc = serde_json::Map::new();
+                svc.insert("name".into(), json!(name));
+                svc.insert("namespace".into(), json!(ns));
+                for (k, v) in o {
+                    svc.insert(k.clone(), v.clone());
+                }
+                let doc = json!({"services": [svc]});
+                match crate::file::parse_value(&doc, "request body", "api") {
+                    Ok(mut snap) => {
+                        let key = format!("{ns}/{name}");
+                        let Some(service) = snap.services.remove(&key) else {
+                            return error(StatusCode::BAD_REQUEST, "request body: no service");
+                        };
+                        let mut inner = lock(&self.inner);
+                        let created = !inner.services.contains_key(&key);
+                        inner.services.insert(key, service);
+                        let revision = self.bump(&mut inner);
+                        let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+                        reply(status, &json!({"revision": revision}))
+                    }
+                    Err(problems) => problems_reply(&problems),
+                }
+            }
+            (&Method::DELETE, ["v1", "namespaces", ns, "services", name]) => {
+                let key = format!("{ns}/{name}");
+                let mut inner = lock(&self.inner);
+                if inner.services.remove(&key).is_none() {
+                    return error(StatusCode::NOT_FOUND, format!("service `{key}` is not registered"));
+                }
+                inner.instances.remove(&key);
+                let revision = self.bump(&mut inner);
+                reply(StatusCode::OK, &json!({"revision": revision}))
+            }
+            (&Method::GET, ["v1", "namespaces", ns, "services", name, "instances"]) => {
+                let key = format!("{ns}/{name}");
+                if param("watch") == Some("true") {
+                    let since: u64 = param("sinceRevision").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let mut rx = self.subscribe();
+                    let deadline = tokio::time::Instant::now() + WATCH_LIMIT;
+                    while *rx.borrow_and_update() <= since {
+                        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                let inner = lock(&self.inner);
+                if !inner.services.contains_key(&key) {
+                    return error(StatusCode::NOT_FOUND, format!("service `{key}` is not registered"));
+                }
+                let now = Instant::now();
+                let list: Vec<Value> = inner
+                    .instances
+                    .get(&key)
+                    .map(|m| {
+                        m.iter()
+                            .map(|(id, r)| {
+                                let i = &r.instance;
+                                json!({
+                                    "id": id, "address": i.address.to_string(), "ports": i.ports,
+                                    "labels": i.labels, "weight": i.weight, "healthy": i.healthy,
+                                    "ttl_remaining_ms": r.ttl.map(|(_, until)| until.saturating_duration_since(now).as_millis() as u64),
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                reply(StatusCode::OK, &json!({"revision": inner.revision, "instances": list}))
+            }
+            (&Method::PUT, ["v1", "namespaces", ns, "services", name, "instances", id]) => {
+                let key = format!("{ns}/{name}");
+                let b = match json_body() {
+                    Ok(b) => b,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, e),
+                };
+                let Some(o) = b.as_object() else {
+                    return error(StatusCode::BAD_REQUEST, "request body: expected a JSON object");
+                };
+                let ttl = match ttl(o.get("ttl").unwrap_or(&Value::Null)) {
+                    Ok(t) => t,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: ttl: {e}")),
+                };
+                let mut inst = o.clone();
+                inst.remove("ttl");
+                let service = lock(&self.inner).services.get(&key).cloned();
+                let Some(service) = service else {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format!("service `{key}` is not registered through this API; PUT it first"),
+                    );
+                };
+                let doc = json!({"services": [{
+                    "name": name, "namespace": ns, "ports": ports_json(&service), "instances": [inst],
+                }]});
+                match crate::file::parse_value(&doc, "request body", &format!("api:{id}")) {
+                    Ok(mut snap) => {
+                        let Some(instance) = snap.instances.remove(&key).and_then(|mut v| v.pop()) else {
+                            return error(StatusCode::BAD_REQUEST, "request body: no instance");
+                        };
+                        let mut inner = lock(&self.inner);
+                        let m = inner.instances.entry(key).or_default();
+                        let created = !m.contains_key(*id);
+                        m.insert(
+                            (*id).to_string(),
+                            Registered {
+                                instance,
+                                ttl: ttl.map(|d| (d, Instant::now() + d)),
+                            },
+                        );
+                        let revision = self.bump(&mut inner);
+                        let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+                        reply(status, &json!({"revision": revision}))
+                    }
+                    Err(problems) => problems_reply(&problems),
+                }
+            }
+            (&Method::DELETE, ["v1", "namespaces", ns, "services", name, "instances", id]) => {
+                let key = format!("{ns}/{name}");
+                let mut inner = lock(&self.inner);
+                if inner.instances.get_mut(&key).and_then(|m| m.remove(*id)).is_none() {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format!("instance `{id}` of `{key}` is not registered"),
+                    );
+                }
+                let revision = self.bump(&mut inner);
+                reply(StatusCode::OK, &json!({"revision": revision}))
+            }
+            (&Method::POST, ["v1", "namespaces", ns, "services", name, "instances", id, "heartbeat"]) => {
+                let key = format!("{ns}/{name}");
+                let mut inner = lock(&self.inner);
+                let Some(r) = inner.instances.get_mut(&key).and_then(|m| m.get_mut(*id)) else {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format!("instance `{id}` of `{key}` is not registered (it may have expired)"),
+                    );
+                };
+                if let Some((d, until)) = &mut r.ttl {
+                    *until = Instant::now() + *d;
+                }
+                let revision = inner.revision;
+                reply(StatusCode::OK, &json!({"revision": revision}))
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {} {}", parts.method, parts.uri.path()),
+            ),
+        }
+    }
+}
+
+fn problems_reply(problems: &[crate::Problem]) -> Response<Full<Bytes>> {
+    let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    reply(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": list.first().cloned().unwrap_or_default(), "problems": list}),
+    )
+}
+
+/// Serves the API on `listener` until the future is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, reg: Arc<ApiRegistry>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let reg = reg.clone();
+                async move { Ok::<_, std::convert::Infallible>(reg.handle(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
