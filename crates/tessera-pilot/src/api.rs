@@ -48,6 +48,8 @@ struct Inner {
 pub struct ApiRegistry {
     inner: Mutex<Inner>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// Where registrations are persisted, when a store is configured.
+    store: Option<std::sync::mpsc::Sender<crate::store::Op>>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -109,13 +111,141 @@ fn ports_json(s: &Service) -> Value {
     )
 }
 
+/// Why a body was refused: one message, or the checker's list.
+enum Refused {
+    Message(String),
+    Problems(Vec<crate::Problem>),
+}
+
+impl Refused {
+    fn reply(self) -> Response<Full<Bytes>> {
+        match self {
+            Refused::Message(m) => error(StatusCode::BAD_REQUEST, m),
+            Refused::Problems(p) => problems_reply(&p),
+        }
+    }
+}
+
+/// A service from a PUT body (`{ports, labels}`), checked as registry files are.
+fn service_from(ns: &str, name: &str, body: &Value) -> Result<Service, Refused> {
+    let Some(o) = body.as_object() else {
+        return Err(Refused::Message("request body: expected a JSON object".into()));
+    };
+    if let Some(k) = o.keys().find(|k| !["ports", "labels"].contains(&k.as_str())) {
+        return Err(Refused::Message(format!(
+            "request body: {k}: unknown field (known: ports, labels)"
+        )));
+    }
+    let mut svc = serde_json::Map::new();
+    svc.insert("name".into(), json!(name));
+    svc.insert("namespace".into(), json!(ns));
+    for (k, v) in o {
+        svc.insert(k.clone(), v.clone());
+    }
+    let doc = json!({"services": [svc]});
+    let mut snap = crate::file::parse_value(&doc, "request body", "api").map_err(Refused::Problems)?;
+    snap.services
+        .remove(&format!("{ns}/{name}"))
+        .ok_or_else(|| Refused::Message("request body: no service".into()))
+}
+
+/// An instance of `service` from a PUT body, and its TTL; the body without `ttl` is what persists.
+fn instance_from(service: &Service, id: &str, body: &Value) -> Result<(Instance, Option<Duration>, Value), Refused> {
+    let Some(o) = body.as_object() else {
+        return Err(Refused::Message("request body: expected a JSON object".into()));
+    };
+    let ttl =
+        ttl(o.get("ttl").unwrap_or(&Value::Null)).map_err(|e| Refused::Message(format!("request body: ttl: {e}")))?;
+    let mut inst = o.clone();
+    inst.remove("ttl");
+    let doc = json!({"services": [{
+        "name": service.name, "namespace": service.namespace, "ports": ports_json(service), "instances": [inst.clone()],
+    }]});
+    let key = format!("{}/{}", service.namespace, service.name);
+    let mut snap = crate::file::parse_value(&doc, "request body", &format!("api:{id}")).map_err(Refused::Problems)?;
+    let instance = snap
+        .instances
+        .remove(&key)
+        .and_then(|mut v| v.pop())
+        .ok_or_else(|| Refused::Message("request body: no instance".into()))?;
+    Ok((instance, ttl, Value::Object(inst)))
+}
+
 impl ApiRegistry {
-    /// An empty registry.
+    /// An empty registry, in memory only.
     pub fn new() -> Arc<ApiRegistry> {
         Arc::new(ApiRegistry {
             inner: Mutex::new(Inner::default()),
             changed: tokio::sync::watch::channel(0).0,
+            store: None,
         })
+    }
+
+    /// A registry persisted in the redb file at `path`: what it holds is registered again
+    /// (entries that no longer pass the checks are logged and skipped).
+    pub fn open(path: &std::path::Path) -> Result<Arc<ApiRegistry>, crate::store::StoreError> {
+        let ((services, instances), tx) = crate::store::open(path)?;
+        let mut inner = Inner::default();
+        for (key, body) in services {
+            let Some((ns, name)) = key.split_once('/') else {
+                continue;
+            };
+            match serde_json::from_str::<Value>(&body)
+                .map_err(|e| Refused::Message(e.to_string()))
+                .and_then(|b| service_from(ns, name, &b))
+            {
+                Ok(s) => {
+                    inner.services.insert(key, s);
+                }
+                Err(_) => {
+                    tracing::error!(store = %path.display(), service = %key, "a stored service no longer passes the checks; skipped")
+                }
+            }
+        }
+        for (key, body) in instances {
+            let mut parts = key.rsplitn(2, '/');
+            let (Some(id), Some(svc_key)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Some(service) = inner.services.get(svc_key).cloned() else {
+                continue;
+            };
+            match serde_json::from_str::<Value>(&body)
+                .map_err(|e| Refused::Message(e.to_string()))
+                .and_then(|b| instance_from(&service, id, &b))
+            {
+                Ok((instance, _, _)) => {
+                    inner
+                        .instances
+                        .entry(svc_key.to_string())
+                        .or_default()
+                        .insert(id.to_string(), Registered { instance, ttl: None });
+                }
+                Err(_) => {
+                    tracing::error!(store = %path.display(), instance = %key, "a stored instance no longer passes the checks; skipped")
+                }
+            }
+        }
+        tracing::info!(
+            store = %path.display(),
+            services = inner.services.len(),
+            instances = inner.instances.values().map(BTreeMap::len).sum::<usize>(),
+            "registrations loaded"
+        );
+        inner.revision = 1;
+        Ok(Arc::new(ApiRegistry {
+            inner: Mutex::new(inner),
+            changed: tokio::sync::watch::channel(1).0,
+            store: Some(tx),
+        }))
+    }
+
+    fn persist(&self, op: crate::store::Op) {
+        if let Some(tx) = &self.store
+            && tx.send(op).is_err()
+        {
+            tracing::error!("the store's writer has stopped; registrations are not persisted");
+        }
     }
 
     /// Notified on every change.
@@ -205,36 +335,18 @@ impl ApiRegistry {
                     Ok(b) => b,
                     Err(e) => return error(StatusCode::BAD_REQUEST, e),
                 };
-                let Some(o) = b.as_object() else {
-                    return error(StatusCode::BAD_REQUEST, "request body: expected a JSON object");
-                };
-                if let Some(k) = o.keys().find(|k| !["ports", "labels"].contains(&k.as_str())) {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("request body: {k}: unknown field (known: ports, labels)"),
-                    );
-                }
-                let mut svc = serde_json::Map::new();
-                svc.insert("name".into(), json!(name));
-                svc.insert("namespace".into(), json!(ns));
-                for (k, v) in o {
-                    svc.insert(k.clone(), v.clone());
-                }
-                let doc = json!({"services": [svc]});
-                match crate::file::parse_value(&doc, "request body", "api") {
-                    Ok(mut snap) => {
+                match service_from(ns, name, &b) {
+                    Ok(service) => {
                         let key = format!("{ns}/{name}");
-                        let Some(service) = snap.services.remove(&key) else {
-                            return error(StatusCode::BAD_REQUEST, "request body: no service");
-                        };
                         let mut inner = lock(&self.inner);
                         let created = !inner.services.contains_key(&key);
-                        inner.services.insert(key, service);
+                        inner.services.insert(key.clone(), service);
                         let revision = self.bump(&mut inner);
+                        self.persist(crate::store::Op::PutService(key, b.to_string()));
                         let status = if created { StatusCode::CREATED } else { StatusCode::OK };
                         reply(status, &json!({"revision": revision}))
                     }
-                    Err(problems) => problems_reply(&problems),
+                    Err(r) => r.reply(),
                 }
             }
             (&Method::DELETE, ["v1", "namespaces", ns, "services", name]) => {
@@ -245,6 +357,7 @@ impl ApiRegistry {
                 }
                 inner.instances.remove(&key);
                 let revision = self.bump(&mut inner);
+                self.persist(crate::store::Op::DeleteService(key));
                 reply(StatusCode::OK, &json!({"revision": revision}))
             }
             (&Method::GET, ["v1", "namespaces", ns, "services", name, "instances"]) => {
@@ -288,15 +401,6 @@ impl ApiRegistry {
                     Ok(b) => b,
                     Err(e) => return error(StatusCode::BAD_REQUEST, e),
                 };
-                let Some(o) = b.as_object() else {
-                    return error(StatusCode::BAD_REQUEST, "request body: expected a JSON object");
-                };
-                let ttl = match ttl(o.get("ttl").unwrap_or(&Value::Null)) {
-                    Ok(t) => t,
-                    Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: ttl: {e}")),
-                };
-                let mut inst = o.clone();
-                inst.remove("ttl");
                 let service = lock(&self.inner).services.get(&key).cloned();
                 let Some(service) = service else {
                     return error(
@@ -304,16 +408,10 @@ impl ApiRegistry {
                         format!("service `{key}` is not registered through this API; PUT it first"),
                     );
                 };
-                let doc = json!({"services": [{
-                    "name": name, "namespace": ns, "ports": ports_json(&service), "instances": [inst],
-                }]});
-                match crate::file::parse_value(&doc, "request body", &format!("api:{id}")) {
-                    Ok(mut snap) => {
-                        let Some(instance) = snap.instances.remove(&key).and_then(|mut v| v.pop()) else {
-                            return error(StatusCode::BAD_REQUEST, "request body: no instance");
-                        };
+                match instance_from(&service, id, &b) {
+                    Ok((instance, ttl, stored)) => {
                         let mut inner = lock(&self.inner);
-                        let m = inner.instances.entry(key).or_default();
+                        let m = inner.instances.entry(key.clone()).or_default();
                         let created = !m.contains_key(*id);
                         m.insert(
                             (*id).to_string(),
@@ -323,10 +421,16 @@ impl ApiRegistry {
                             },
                         );
                         let revision = self.bump(&mut inner);
+                        // Only instances without a TTL persist; ephemeral ones re-register.
+                        let skey = format!("{key}/{id}");
+                        self.persist(match ttl {
+                            None => crate::store::Op::PutInstance(skey, stored.to_string()),
+                            Some(_) => crate::store::Op::DeleteInstance(skey),
+                        });
                         let status = if created { StatusCode::CREATED } else { StatusCode::OK };
                         reply(status, &json!({"revision": revision}))
                     }
-                    Err(problems) => problems_reply(&problems),
+                    Err(r) => r.reply(),
                 }
             }
             (&Method::DELETE, ["v1", "namespaces", ns, "services", name, "instances", id]) => {
@@ -339,6 +443,7 @@ impl ApiRegistry {
                     );
                 }
                 let revision = self.bump(&mut inner);
+                self.persist(crate::store::Op::DeleteInstance(format!("{key}/{id}")));
                 reply(StatusCode::OK, &json!({"revision": revision}))
             }
             (&Method::POST, ["v1", "namespaces", ns, "services", name, "instances", id, "heartbeat"]) => {

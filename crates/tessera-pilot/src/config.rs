@@ -6,6 +6,8 @@
 //! registries:
 //!   file: { dir: services, watch_interval: 1s }   # relative to this file
 //!   api: { listen: 127.0.0.1:15080 }               # the Open Service Registry REST API
+//! store:
+//!   path: pilot.redb                 # API registrations survive restarts (absent: memory only)
 //! push:
 //!   debounce: 100ms                  # quiet period before a push
 //!   debounce_max: 1s                 # longest a change waits
@@ -42,6 +44,8 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// The Open Service Registry API's address, if any.
     pub api: Option<SocketAddr>,
+    /// The redb file the API's registrations persist in; memory only when absent.
+    pub store: Option<PathBuf>,
 }
 
 fn duration(s: &str) -> Option<Duration> {
@@ -94,12 +98,13 @@ impl Config {
         let outbound = get("/sidecar/outbound_http", "sidecar.outbound_http");
         let admin = get("/admin/listen", "admin.listen");
         let api = get("/registries/api/listen", "registries.api.listen");
+        let store = get("/store/path", "store.path");
         if let Some(o) = doc.as_object() {
             for k in o.keys() {
-                if !["xds", "registries", "push", "sidecar", "admin"].contains(&k.as_str()) {
+                if !["xds", "registries", "push", "sidecar", "admin", "store"].contains(&k.as_str()) {
                     problems.push(problem(
                         k,
-                        "unknown field (known: xds, registries, push, sidecar, admin)".into(),
+                        "unknown field (known: xds, registries, push, sidecar, admin, store)".into(),
                     ));
                 }
             }
@@ -127,6 +132,7 @@ impl Config {
             },
             admin: admin.map(|a| addr(Some(a), "admin.listen", "127.0.0.1:15014", &mut problems)),
             api: api.map(|a| addr(Some(a), "registries.api.listen", "127.0.0.1:15080", &mut problems)),
+            store: store.map(|p| base.join(p)),
         };
         if cfg.file_dir.is_none() && cfg.api.is_none() {
             problems.push(problem(

@@ -11,6 +11,7 @@ pub mod config;
 pub mod file;
 pub mod model;
 pub mod run;
+pub mod store;
 pub mod translate;
 
 /// One thing wrong in a file, with where.

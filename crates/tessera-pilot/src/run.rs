@@ -21,6 +21,9 @@ pub fn listen(cfg: &Config) -> Result<AdsServer, Error> {
 /// Why Pilot could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The store could not be opened.
+    #[error("{0}")]
+    Store(crate::store::StoreError),
     /// The ADS server or the admin API could not listen.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -132,7 +135,10 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
         tracing::info!(address = %bound, "pilot admin API ready");
         tokio::spawn(admin(l, ads.clone()));
     }
-    let api = crate::api::ApiRegistry::new();
+    let api = match &cfg.store {
+        Some(path) => crate::api::ApiRegistry::open(path).map_err(Error::Store)?,
+        None => crate::api::ApiRegistry::new(),
+    };
     let mut api_changed = api.subscribe();
     if let Some(at) = cfg.api {
         let l = tokio::net::TcpListener::bind(at)

@@ -259,3 +259,74 @@ fn instances_registered_through_the_api_reach_the_sidecar_and_expire() {
     let (code, _) = api("POST", &format!("{base}/instances/i1/heartbeat"), None);
     assert_eq!(code, 404, "an expired instance must register again");
 }
+
+/// With `store: { path }`, services and TTL-less instances registered through the API survive a
+/// Pilot restart (redb); ephemeral ones do not, as their clients register them again.
+#[test]
+fn registrations_survive_a_pilot_restart() {
+    let (_one, one) = sample_service("one");
+    let (_two, two) = sample_service("two");
+    let dir = TempDir::new("pilot-store");
+    let (xds, reg, out) = (free_port(), free_port(), free_port());
+    let cfg = dir.write(
+        "pilot.yaml",
+        &format!(
+            "xds: {{ listen: \"127.0.0.1:{xds}\" }}\nregistries: {{ api: {{ listen: \"127.0.0.1:{reg}\" }} }}\nstore: {{ path: state.redb }}\npush: {{ debounce: 50ms }}\nsidecar: {{ outbound_http: \"127.0.0.1:{out}\" }}\n"
+        ),
+    );
+    let start = || {
+        let p = Proc::tessera(&["pilot", "--config", cfg.to_str().unwrap()]);
+        p.wait_log("pilot registry API ready", T);
+        p
+    };
+    let pilot = start();
+    let base = format!("http://127.0.0.1:{reg}/v1/namespaces/shop/services/reviews");
+    assert_eq!(
+        api("PUT", &base, Some(r#"{"ports": [{"name": "http", "port": 9080}]}"#)).0,
+        201
+    );
+    let body = |port: u16, ttl: &str| format!(r#"{{"address": "127.0.0.1", "port": {port}{ttl}}}"#);
+    assert_eq!(
+        api("PUT", &format!("{base}/instances/kept"), Some(&body(one.port(), ""))).0,
+        201
+    );
+    assert_eq!(
+        api(
+            "PUT",
+            &format!("{base}/instances/ephemeral"),
+            Some(&body(two.port(), r#", "ttl": "60s""#))
+        )
+        .0,
+        201
+    );
+    let boot = dir.write(
+        "sidecar.yaml",
+        &bootstrap(
+            SocketAddr::from(([127, 0, 0, 1], xds)),
+            "sidecar~127.0.0.1~web-1.shop~shop.svc.cluster.local",
+        ),
+    );
+    let _sidecar = Proc::tessera(&["sidecar", "--envoy-bootstrap", boot.to_str().unwrap()]);
+    wait_until("both instances answer", || {
+        let w = who(out, 8);
+        w.contains(&"one".to_string()) && w.contains(&"two".to_string())
+    });
+
+    drop(pilot);
+    let pilot = start();
+    pilot.wait_log("registrations loaded", T);
+    assert!(pilot.log().contains("services=1 instances=1"), "{}", pilot.log());
+    let (code, listed) = api("GET", &format!("{base}/instances"), None);
+    assert_eq!(code, 200);
+    let ids: Vec<&str> = listed["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["kept"], "{listed}");
+    // The sidecar reconnects to the restarted Pilot and follows what it serves.
+    wait_until("only the persisted instance answers", || {
+        who(out, 6).iter().all(|w| w == "one")
+    });
+}
