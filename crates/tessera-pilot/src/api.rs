@@ -11,7 +11,8 @@
 //! DELETE /v1/namespaces/{ns}/services/{name}/instances/{id}
 //! POST   /v1/namespaces/{ns}/services/{name}/instances/{id}/heartbeat
 //! ```
-//! Bodies are checked as the file registry checks its files; a bad one is a 400 naming the
+//! The OpenAPI document is `docs/openapi/registry.yaml` (and `GET /openapi.yaml`). Bodies are
+//! checked as the file registry checks its files; a bad one is a 400 naming the
 //! field. Every change bumps the revision; a watch returns as soon as the revision passes
 //! `sinceRevision`, or after 30 s with the same revision.
 
@@ -25,6 +26,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 
 use crate::model::{Instance, Service, Snapshot};
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi/registry.yaml");
 
 /// How long a watch waits for a change.
 const WATCH_LIMIT: Duration = Duration::from_secs(30);
@@ -321,6 +325,14 @@ impl ApiRegistry {
             serde_json::from_slice(&body).map_err(|e| format!("request body: not JSON: {e}"))
         };
         match (&parts.method, path.as_slice()) {
+            (&Method::GET, ["openapi.yaml"]) => {
+                let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/yaml"),
+                );
+                r
+            }
             (&Method::GET, ["v1", "services"]) => {
                 let inner = lock(&self.inner);
                 let list: Vec<Value> = inner
@@ -494,5 +506,50 @@ pub async fn serve(listener: tokio::net::TcpListener, reg: Arc<ApiRegistry>) {
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The OpenAPI document parses and describes exactly the routes `handle` serves.
+    #[test]
+    fn the_openapi_document_matches_the_routes() {
+        let doc = tessera_xds::load::yaml_to_json(OPENAPI).expect("the OpenAPI document is YAML");
+        assert_eq!(doc["openapi"], "3.0.3");
+        let mut documented: Vec<String> = Vec::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for m in ["get", "put", "post", "delete"] {
+                if item.get(m).is_some() {
+                    documented.push(format!("{} {path}", m.to_uppercase()));
+                }
+            }
+        }
+        documented.sort();
+        let served = [
+            "DELETE /v1/namespaces/{ns}/services/{name}",
+            "DELETE /v1/namespaces/{ns}/services/{name}/instances/{id}",
+            "GET /v1/namespaces/{ns}/services/{name}/instances",
+            "GET /v1/services",
+            "POST /v1/namespaces/{ns}/services/{name}/instances/{id}/heartbeat",
+            "PUT /v1/namespaces/{ns}/services/{name}",
+            "PUT /v1/namespaces/{ns}/services/{name}/instances/{id}",
+        ];
+        assert_eq!(documented, served);
+        // Every field the instance body accepts is documented, and nothing else.
+        let props: Vec<&String> = doc["components"]["schemas"]["InstanceIn"]["properties"]
+            .as_object()
+            .expect("InstanceIn")
+            .keys()
+            .collect();
+        let mut props: Vec<&str> = props.iter().map(|s| s.as_str()).collect();
+        props.sort();
+        assert_eq!(
+            props,
+            [
+                "address", "healthy", "labels", "locality", "port", "ports", "ttl", "weight"
+            ]
+        );
     }
 }
