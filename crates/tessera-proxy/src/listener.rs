@@ -190,14 +190,18 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
 /// The listener that takes a connection whose original destination is `dst`: one without a
 /// socket for exactly that address, else for its port on any address (Envoy's order).
 fn handoff(shared: &Shared, from: &Arc<ListenerRt>, dst: SocketAddr) -> Option<Arc<ListenerRt>> {
-    let all = shared.listeners.load();
-    let unbound = || {
-        all.iter()
-            .filter(|t| !Arc::ptr_eq(t, from) && !t.cfg.load().bind_to_port)
-    };
-    unbound()
-        .find(|t| t.requested == dst)
-        .or_else(|| unbound().find(|t| t.requested.ip().is_unspecified() && t.requested.port() == dst.port()))
+    let unbound = shared.handoff.load();
+    let any = SocketAddr::new(
+        match dst {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        },
+        dst.port(),
+    );
+    unbound
+        .get(&dst)
+        .or_else(|| unbound.get(&any))
+        .filter(|t| !Arc::ptr_eq(t, from))
         .cloned()
 }
 

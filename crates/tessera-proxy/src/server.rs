@@ -141,6 +141,9 @@ pub(crate) struct Shared {
     pub(crate) xds_dump: ArcSwapOption<ConfigDumpProvider>,
     pub(crate) clusters: ArcSwap<Vec<Arc<ClusterRt>>>,
     pub(crate) listeners: ArcSwap<Vec<Arc<ListenerRt>>>,
+    /// Listeners without a socket, by the address they stand for: where a `use_original_dst`
+    /// listener hands a redirected connection (one lookup per connection).
+    pub(crate) handoff: ArcSwap<HashMap<SocketAddr, Arc<ListenerRt>>>,
     /// Every loaded certificate and trust bundle (for `/certs` and the file watcher).
     pub(crate) secrets: ArcSwap<Vec<Arc<SecretRt>>>,
     state: AtomicU8,
@@ -296,6 +299,7 @@ impl Server {
             xds_dump: ArcSwapOption::empty(),
             clusters: ArcSwap::from_pointee(Vec::new()),
             listeners: ArcSwap::from_pointee(Vec::new()),
+            handoff: ArcSwap::from_pointee(HashMap::new()),
             secrets: ArcSwap::from_pointee(Vec::new()),
             state: AtomicU8::new(ServerState::PreInitializing as u8),
             healthcheck_failed: AtomicBool::new(false),
@@ -622,6 +626,12 @@ impl Server {
         ctl.node = cfg.node.clone();
         shared.secrets.store(Arc::new(secrets.all()));
         ctl.secrets = secrets;
+        let handoff: HashMap<SocketAddr, Arc<ListenerRt>> = lview
+            .iter()
+            .filter(|l| !l.cfg.load().bind_to_port)
+            .map(|l| (l.requested, l.clone()))
+            .collect();
+        shared.handoff.store(Arc::new(handoff));
         shared.listeners.store(Arc::new(lview));
         shared.clusters.store(Arc::new(cview));
         shared.config.store(Arc::new(cfg));

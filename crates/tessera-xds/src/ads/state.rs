@@ -459,15 +459,6 @@ impl State {
         }
     }
 
-    /// The clusters whose endpoints come from EDS name `eds`.
-    pub fn clusters_of(&self, eds: &str) -> Vec<String> {
-        self.of(Ty::Cluster)
-            .iter()
-            .filter(|(_, s)| matches!(&s.model, Model::Cluster(_, Some(n)) if n == eds))
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-
     /// Every EDS name with the clusters that take their endpoints from it.
     pub fn clusters_by_eds_name(&self) -> std::collections::HashMap<&str, Vec<&str>> {
         let mut out: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();

@@ -73,7 +73,7 @@ fn sotw_clusters_are_a_whole_set_and_eds_follows_them() {
     assert_eq!(c.endpoints, ["a"]);
     assert!(s.warm());
     assert_eq!(s.endpoints("a").len(), 2);
-    assert_eq!(s.clusters_of("a"), ["a"]);
+    assert_eq!(s.clusters_by_eds_name()["a"], ["a"]);
     let cfg = s.assemble(&base()).unwrap();
     assert_eq!(cfg.clusters.len(), 2);
     assert_eq!(cfg.clusters[0].discovery, model::DiscoveryType::Eds);
