@@ -46,6 +46,8 @@ pub struct Config {
     pub api: Option<SocketAddr>,
     /// The redb file the API's registrations persist in; memory only when absent.
     pub store: Option<PathBuf>,
+    /// The registry adapters (`registries.zookeeper`, `registries.etcd`...).
+    pub adapters: Vec<std::sync::Arc<dyn crate::registry::Adapter>>,
 }
 
 fn duration(s: &str) -> Option<Duration> {
@@ -133,11 +135,37 @@ impl Config {
             admin: admin.map(|a| addr(Some(a), "admin.listen", "127.0.0.1:15014", &mut problems)),
             api: api.map(|a| addr(Some(a), "registries.api.listen", "127.0.0.1:15080", &mut problems)),
             store: store.map(|p| base.join(p)),
+            adapters: Vec::new(),
         };
-        if cfg.file_dir.is_none() && cfg.api.is_none() {
+        let mut cfg = cfg;
+        if let Some(regs) = doc.pointer("/registries").and_then(Value::as_object) {
+            for (kind, v) in regs {
+                if kind == "file" || kind == "api" {
+                    continue;
+                }
+                if !crate::registry::KINDS.contains(&kind.as_str()) {
+                    problems.push(problem(
+                        &format!("registries.{kind}"),
+                        format!(
+                            "unknown registry (known: file, api, {})",
+                            crate::registry::KINDS.join(", ")
+                        ),
+                    ));
+                    continue;
+                }
+                match crate::registry::from_config(kind, v, &file, base) {
+                    Ok(a) => cfg.adapters.push(a),
+                    Err(p) => problems.extend(p),
+                }
+            }
+        }
+        if cfg.file_dir.is_none() && cfg.api.is_none() && cfg.adapters.is_empty() {
             problems.push(problem(
                 "registries",
-                "a registry is required: `file: { dir: ... }` or `api: { listen: ... }` (etcd and ZooKeeper are not built yet)".into(),
+                format!(
+                    "a registry is required: `file: {{ dir: ... }}`, `api: {{ listen: ... }}` or one of {}",
+                    crate::registry::KINDS.join(", ")
+                ),
             ));
         }
         if problems.is_empty() { Ok(cfg) } else { Err(problems) }

@@ -10,6 +10,7 @@ pub mod api;
 pub mod config;
 pub mod file;
 pub mod model;
+pub mod registry;
 pub mod run;
 pub mod store;
 pub mod translate;

@@ -2,6 +2,7 @@
 //! resources to every connected sidecar through the snapshot-cache ADS server.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -148,6 +149,14 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
         tracing::info!(address = %bound, "pilot registry API ready");
         tokio::spawn(crate::api::serve(l, api.clone()));
     }
+    // Registry adapters: each runs as a task and publishes whole views.
+    let mut feeds = Vec::new();
+    for a in &cfg.adapters {
+        let (feed, view, status) = crate::registry::Feed::new();
+        tracing::info!(kind = a.kind(), "registry adapter starting");
+        feeds.push((a.kind(), view, status));
+        tokio::spawn(a.clone().run(feed));
+    }
     let mut api_seen = 0u64;
     let mut files = Files::default();
     let mut version = 0u64;
@@ -159,7 +168,14 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
         api.expire(Instant::now());
         let api_now = *api_changed.borrow_and_update();
         let files_changed = cfg.file_dir.as_ref().is_some_and(|dir| files.refresh(dir));
-        if files_changed || api_now != api_seen {
+        let mut adapters_changed = false;
+        for (_, view, _) in &mut feeds {
+            if view.has_changed().unwrap_or(false) {
+                view.mark_unchanged();
+                adapters_changed = true;
+            }
+        }
+        if files_changed || api_now != api_seen || adapters_changed {
             api_seen = api_now;
             let (mut snap, clashes) = crate::file::merge(&files.good);
             for c in clashes {
@@ -175,6 +191,19 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
                 snap.instances
                     .insert(k.clone(), registered.instances.get(&k).cloned().unwrap_or_default());
                 snap.services.insert(k, svc);
+            }
+            // Then each adapter's view; the first registry to define a service keeps it.
+            for (kind, view, _) in &feeds {
+                let view = view.borrow().clone();
+                for (k, svc) in &view.services {
+                    if let Some(first) = snap.services.get(k) {
+                        tracing::warn!(service = %k, registry = kind, defined_by = %first.source, "service already defined by another registry; this registry's definition is ignored");
+                        continue;
+                    }
+                    snap.instances
+                        .insert(k.clone(), view.instances.get(k).cloned().unwrap_or_default());
+                    snap.services.insert(k.clone(), svc.clone());
+                }
             }
             if snap != current {
                 current = snap;
@@ -221,9 +250,34 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
             // Often enough for TTLs to lapse on time.
             cfg.watch_interval.min(Duration::from_millis(500))
         };
+        let adapter_changed = async {
+            if feeds.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            let waits = feeds.iter_mut().map(|(_, v, _)| Box::pin(v.changed()));
+            let _ = futures_select_any(waits).await;
+        };
         tokio::select! {
             () = tokio::time::sleep(tick) => {}
             _ = api_changed.changed() => {}
+            () = adapter_changed => {}
         }
     }
+}
+
+/// Resolves when the first of `futs` does.
+async fn futures_select_any<F: Future + Unpin>(futs: impl Iterator<Item = F>) -> Option<F::Output> {
+    let mut futs: Vec<F> = futs.collect();
+    if futs.is_empty() {
+        return None;
+    }
+    std::future::poll_fn(|cx| {
+        for f in &mut futs {
+            if let std::task::Poll::Ready(v) = std::pin::Pin::new(f).poll(cx) {
+                return std::task::Poll::Ready(Some(v));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
