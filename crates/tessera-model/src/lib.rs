@@ -24,7 +24,7 @@ pub use decode::{Cidr, parse_duration};
 pub use error::{ConfigError, LoadError};
 pub use format::LogFormat;
 pub use load::{DEFAULT_DRAIN_TIME, DEFAULT_ROUTE_TIMEOUT, DEFAULT_RPC_TIMEOUT, split_host_port};
-pub use mesh::{MeshSpec, SampleService, SidecarSpec};
+pub use mesh::{ClientSpec, MeshSpec, PilotSpec, SampleProtocol, SampleService, SidecarSpec};
 pub use policy::*;
 pub use rpc::*;
 pub use time::{rfc3339, rfc3339_secs};

@@ -39,6 +39,9 @@ struct Registered {
     instance: Instance,
     /// Ephemeral: how long it lives without a heartbeat, and when it expires.
     ttl: Option<(Duration, Instant)>,
+    /// With the etcd store: the lease the instance's key is attached to (0: none). etcd, not
+    /// `ttl`, expires it then.
+    lease: i64,
 }
 
 #[derive(Default)]
@@ -54,6 +57,8 @@ pub struct ApiRegistry {
     changed: tokio::sync::watch::Sender<u64>,
     /// Where registrations are persisted, when a store is configured.
     store: Option<std::sync::mpsc::Sender<crate::store::Op>>,
+    /// The shared etcd store: registrations are written there, and `inner` follows it.
+    etcd: Option<Arc<crate::etcd::store::EtcdStore>>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -116,13 +121,13 @@ fn ports_json(s: &Service) -> Value {
 }
 
 /// Why a body was refused: one message, or the checker's list.
-enum Refused {
+pub(crate) enum Refused {
     Message(String),
     Problems(Vec<crate::Problem>),
 }
 
 impl Refused {
-    fn reply(self) -> Response<Full<Bytes>> {
+    pub(crate) fn reply(self) -> Response<Full<Bytes>> {
         match self {
             Refused::Message(m) => error(StatusCode::BAD_REQUEST, m),
             Refused::Problems(p) => problems_reply(&p),
@@ -130,14 +135,15 @@ impl Refused {
     }
 }
 
-/// A service from a PUT body (`{ports, labels}`), checked as registry files are.
-fn service_from(ns: &str, name: &str, body: &Value) -> Result<Service, Refused> {
+/// A service from a PUT body (`{ports, labels}`), checked as registry files are; problems name
+/// `file` (the request body, or the etcd key holding it).
+pub(crate) fn service_from(ns: &str, name: &str, body: &Value, file: &str, source: &str) -> Result<Service, Refused> {
     let Some(o) = body.as_object() else {
-        return Err(Refused::Message("request body: expected a JSON object".into()));
+        return Err(Refused::Message(format!("{file}: expected a JSON object")));
     };
     if let Some(k) = o.keys().find(|k| !["ports", "labels"].contains(&k.as_str())) {
         return Err(Refused::Message(format!(
-            "request body: {k}: unknown field (known: ports, labels)"
+            "{file}: {k}: unknown field (known: ports, labels)"
         )));
     }
     let mut svc = serde_json::Map::new();
@@ -147,31 +153,35 @@ fn service_from(ns: &str, name: &str, body: &Value) -> Result<Service, Refused> 
         svc.insert(k.clone(), v.clone());
     }
     let doc = json!({"services": [svc]});
-    let mut snap = crate::file::parse_value(&doc, "request body", "api").map_err(Refused::Problems)?;
+    let mut snap = crate::file::parse_value(&doc, file, source).map_err(Refused::Problems)?;
     snap.services
         .remove(&format!("{ns}/{name}"))
-        .ok_or_else(|| Refused::Message("request body: no service".into()))
+        .ok_or_else(|| Refused::Message(format!("{file}: no service")))
 }
 
 /// An instance of `service` from a PUT body, and its TTL; the body without `ttl` is what persists.
-fn instance_from(service: &Service, id: &str, body: &Value) -> Result<(Instance, Option<Duration>, Value), Refused> {
+pub(crate) fn instance_from(
+    service: &Service,
+    body: &Value,
+    file: &str,
+    source: &str,
+) -> Result<(Instance, Option<Duration>, Value), Refused> {
     let Some(o) = body.as_object() else {
-        return Err(Refused::Message("request body: expected a JSON object".into()));
+        return Err(Refused::Message(format!("{file}: expected a JSON object")));
     };
-    let ttl =
-        ttl(o.get("ttl").unwrap_or(&Value::Null)).map_err(|e| Refused::Message(format!("request body: ttl: {e}")))?;
+    let ttl = ttl(o.get("ttl").unwrap_or(&Value::Null)).map_err(|e| Refused::Message(format!("{file}: ttl: {e}")))?;
     let mut inst = o.clone();
     inst.remove("ttl");
     let doc = json!({"services": [{
         "name": service.name, "namespace": service.namespace, "ports": ports_json(service), "instances": [inst.clone()],
     }]});
     let key = format!("{}/{}", service.namespace, service.name);
-    let mut snap = crate::file::parse_value(&doc, "request body", &format!("api:{id}")).map_err(Refused::Problems)?;
+    let mut snap = crate::file::parse_value(&doc, file, source).map_err(Refused::Problems)?;
     let instance = snap
         .instances
         .remove(&key)
         .and_then(|mut v| v.pop())
-        .ok_or_else(|| Refused::Message("request body: no instance".into()))?;
+        .ok_or_else(|| Refused::Message(format!("{file}: no instance")))?;
     Ok((instance, ttl, Value::Object(inst)))
 }
 
@@ -182,7 +192,198 @@ impl ApiRegistry {
             inner: Mutex::new(Inner::default()),
             changed: tokio::sync::watch::channel(0).0,
             store: None,
+            etcd: None,
         })
+    }
+
+    /// A registry whose registrations live in etcd (`store.etcd`), shared by every Pilot
+    /// replica on the same prefix: this one follows the prefix (range, then watch) and serves
+    /// what it holds; writes go to etcd and are answered once this replica's view has them.
+    /// While etcd is away the view stays as last seen and writes answer 503. Call inside a
+    /// tokio runtime: the follower is a task.
+    pub fn etcd(cfg: &crate::etcd::EtcdConfig) -> Arc<ApiRegistry> {
+        let st = Arc::new(crate::etcd::store::EtcdStore::new(cfg.clone()));
+        let reg = Arc::new(ApiRegistry {
+            inner: Mutex::new(Inner::default()),
+            changed: tokio::sync::watch::channel(0).0,
+            store: None,
+            etcd: Some(st.clone()),
+        });
+        let weak = Arc::downgrade(&reg);
+        tokio::spawn(async move {
+            let prefix = st.watch_prefix();
+            let mut reported: BTreeMap<String, i64> = BTreeMap::new();
+            let mut cache = crate::etcd::layout::Cache::default();
+            let endpoints = st.cfg.endpoints.join(",");
+            let on_view = |m: &crate::etcd::follow::Mirror| {
+                let Some(reg) = weak.upgrade() else { return };
+                let source = |k: &crate::etcd::layout::Key, _: &str| match k {
+                    crate::etcd::layout::Key::Instance { id, .. } => format!("api:{id}"),
+                    crate::etcd::layout::Key::Service { .. } => "api".to_string(),
+                };
+                let (read, skipped) = crate::etcd::layout::read(&st.cfg.prefix, "default", &m.kvs, &source, &mut cache);
+                reported.retain(|k, _| m.kvs.contains_key(k));
+                for sk in skipped {
+                    let rev = m.kvs.get(&sk.key).map_or(0, |v| v.mod_revision);
+                    if reported.insert(sk.key.clone(), rev) != Some(rev) {
+                        tracing::error!(store = "etcd", key = %sk.key, reason = %sk.reason, "registry store: value skipped");
+                    }
+                }
+                let mut next = Inner {
+                    revision: u64::try_from(m.revision).unwrap_or(0),
+                    ..Inner::default()
+                };
+                for (k, rs) in read {
+                    let list = rs
+                        .instances
+                        .into_iter()
+                        .map(|(id, ri)| {
+                            (
+                                id,
+                                Registered {
+                                    instance: ri.instance,
+                                    ttl: None,
+                                    lease: ri.lease,
+                                },
+                            )
+                        })
+                        .collect();
+                    next.instances.insert(k.clone(), list);
+                    next.services.insert(k, rs.service);
+                }
+                let rev = next.revision;
+                *lock(&reg.inner) = next;
+                reg.changed.send_replace(rev);
+            };
+            let on_down = |e: &crate::etcd::client::EtcdError, wait: Duration| {
+                tracing::warn!(store = "etcd", endpoints = %endpoints, error = %e, retry_in = ?wait, "registry store (etcd) unreachable; serving the last view and reconnecting");
+            };
+            crate::etcd::follow::follow(&st.client, &prefix, on_view, on_down).await;
+        });
+        reg
+    }
+
+    /// Waits (up to 5 s) until this replica's view has revision `rev`, so that a client reads
+    /// its own write from the replica it wrote through.
+    async fn caught_up(&self, rev: u64) {
+        let mut rx = self.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while *rx.borrow_and_update() < rev {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// The write routes with the etcd store.
+    async fn write_etcd(
+        &self,
+        st: &crate::etcd::store::EtcdStore,
+        method: &Method,
+        path: &[&str],
+        body: Result<Value, String>,
+    ) -> Response<Full<Bytes>> {
+        let unavailable = |e: crate::etcd::client::EtcdError| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the registry store (etcd) is unavailable: {e}"),
+            )
+        };
+        let done = |rev: i64, created: bool| async move {
+            let rev = u64::try_from(rev).unwrap_or(0);
+            self.caught_up(rev).await;
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            reply(status, &json!({"revision": rev}))
+        };
+        match (method, path) {
+            (&Method::PUT, ["v1", "namespaces", ns, "services", name]) => {
+                let b = match body {
+                    Ok(b) => b,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, e),
+                };
+                if let Err(r) = service_from(ns, name, &b, "request body", "api") {
+                    return r.reply();
+                }
+                match st.put_service(ns, name, &b).await {
+                    Ok((rev, created)) => done(rev, created).await,
+                    Err(e) => unavailable(e),
+                }
+            }
+            (&Method::DELETE, ["v1", "namespaces", ns, "services", name]) => match st.delete_service(ns, name).await {
+                Ok(Some(rev)) => done(rev, false).await,
+                Ok(None) => error(
+                    StatusCode::NOT_FOUND,
+                    format!("service `{ns}/{name}` is not registered"),
+                ),
+                Err(e) => unavailable(e),
+            },
+            (&Method::PUT, ["v1", "namespaces", ns, "services", name, "instances", id]) => {
+                let key = format!("{ns}/{name}");
+                let b = match body {
+                    Ok(b) => b,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, e),
+                };
+                let service = lock(&self.inner).services.get(&key).cloned();
+                let not_found = || {
+                    error(
+                        StatusCode::NOT_FOUND,
+                        format!("service `{key}` is not registered through this API; PUT it first"),
+                    )
+                };
+                let Some(service) = service else {
+                    return not_found();
+                };
+                let ttl = match instance_from(&service, &b, "request body", &format!("api:{id}")) {
+                    Ok((_, ttl, _)) => ttl,
+                    Err(r) => return r.reply(),
+                };
+                // The body as given, `ttl` included: every replica lists it.
+                match st.put_instance(ns, name, id, &b, ttl).await {
+                    Ok(Some((rev, created))) => done(rev, created).await,
+                    Ok(None) => not_found(),
+                    Err(e) => unavailable(e),
+                }
+            }
+            (&Method::DELETE, ["v1", "namespaces", ns, "services", name, "instances", id]) => {
+                match st.delete_instance(ns, name, id).await {
+                    Ok(Some(rev)) => done(rev, false).await,
+                    Ok(None) => error(
+                        StatusCode::NOT_FOUND,
+                        format!("instance `{id}` of `{ns}/{name}` is not registered"),
+                    ),
+                    Err(e) => unavailable(e),
+                }
+            }
+            (&Method::POST, ["v1", "namespaces", ns, "services", name, "instances", id, "heartbeat"]) => {
+                let key = format!("{ns}/{name}");
+                let gone = || {
+                    error(
+                        StatusCode::NOT_FOUND,
+                        format!("instance `{id}` of `{key}` is not registered (it may have expired)"),
+                    )
+                };
+                let (lease, revision) = {
+                    let inner = lock(&self.inner);
+                    let lease = inner.instances.get(&key).and_then(|m| m.get(*id)).map(|r| r.lease);
+                    (lease, inner.revision)
+                };
+                match lease {
+                    None => gone(),
+                    Some(0) => reply(StatusCode::OK, &json!({"revision": revision})),
+                    Some(l) => match st.heartbeat(l).await {
+                        Ok(true) => reply(StatusCode::OK, &json!({"revision": revision})),
+                        Ok(false) => gone(),
+                        Err(e) => unavailable(e),
+                    },
+                }
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {method} /{}", path.join("/")),
+            ),
+        }
     }
 
     /// A registry persisted in the redb file at `path`: what it holds is registered again
@@ -196,7 +397,7 @@ impl ApiRegistry {
             };
             match serde_json::from_str::<Value>(&body)
                 .map_err(|e| Refused::Message(e.to_string()))
-                .and_then(|b| service_from(ns, name, &b))
+                .and_then(|b| service_from(ns, name, &b, "request body", "api"))
             {
                 Ok(s) => {
                     inner.services.insert(key, s);
@@ -216,14 +417,17 @@ impl ApiRegistry {
             };
             match serde_json::from_str::<Value>(&body)
                 .map_err(|e| Refused::Message(e.to_string()))
-                .and_then(|b| instance_from(&service, id, &b))
+                .and_then(|b| instance_from(&service, &b, "request body", &format!("api:{id}")))
             {
                 Ok((instance, _, _)) => {
-                    inner
-                        .instances
-                        .entry(svc_key.to_string())
-                        .or_default()
-                        .insert(id.to_string(), Registered { instance, ttl: None });
+                    inner.instances.entry(svc_key.to_string()).or_default().insert(
+                        id.to_string(),
+                        Registered {
+                            instance,
+                            ttl: None,
+                            lease: 0,
+                        },
+                    );
                 }
                 Err(_) => {
                     tracing::error!(store = %path.display(), instance = %key, "a stored instance no longer passes the checks; skipped")
@@ -241,6 +445,7 @@ impl ApiRegistry {
             inner: Mutex::new(inner),
             changed: tokio::sync::watch::channel(1).0,
             store: Some(tx),
+            etcd: None,
         }))
     }
 
@@ -324,6 +529,11 @@ impl ApiRegistry {
             }
             serde_json::from_slice(&body).map_err(|e| format!("request body: not JSON: {e}"))
         };
+        if let Some(st) = self.etcd.clone()
+            && parts.method != Method::GET
+        {
+            return self.write_etcd(&st, &parts.method, &path, json_body()).await;
+        }
         match (&parts.method, path.as_slice()) {
             (&Method::GET, ["openapi.yaml"]) => {
                 let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
@@ -347,7 +557,7 @@ impl ApiRegistry {
                     Ok(b) => b,
                     Err(e) => return error(StatusCode::BAD_REQUEST, e),
                 };
-                match service_from(ns, name, &b) {
+                match service_from(ns, name, &b, "request body", "api") {
                     Ok(service) => {
                         let key = format!("{ns}/{name}");
                         let mut inner = lock(&self.inner);
@@ -420,7 +630,7 @@ impl ApiRegistry {
                         format!("service `{key}` is not registered through this API; PUT it first"),
                     );
                 };
-                match instance_from(&service, id, &b) {
+                match instance_from(&service, &b, "request body", &format!("api:{id}")) {
                     Ok((instance, ttl, stored)) => {
                         let mut inner = lock(&self.inner);
                         let m = inner.instances.entry(key.clone()).or_default();
@@ -430,6 +640,7 @@ impl ApiRegistry {
                             Registered {
                                 instance,
                                 ttl: ttl.map(|d| (d, Instant::now() + d)),
+                                lease: 0,
                             },
                         );
                         let revision = self.bump(&mut inner);

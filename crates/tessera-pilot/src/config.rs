@@ -8,11 +8,17 @@
 //!   api: { listen: 127.0.0.1:15080 }               # the Open Service Registry REST API
 //! store:
 //!   path: pilot.redb                 # API registrations survive restarts (absent: memory only)
+//!   # or, shared by every Pilot replica (see crate::etcd):
+//!   # etcd: { endpoints: [http://127.0.0.1:2379], prefix: /tessera/registry }
 //! push:
 //!   debounce: 100ms                  # quiet period before a push
 //!   debounce_max: 1s                 # longest a change waits
 //! sidecar:
 //!   outbound_http: 127.0.0.1:15001   # the HTTP listener every sidecar gets
+//!   outbound_dubbo: 127.0.0.1:20880  # the Dubbo listener every sidecar gets (absent: none)
+//!   imports:                         # per namespace, Istio Sidecar egress hosts (absent: `*/*`)
+//!     shop: ["./*", "shared/*"]
+//! config: { dir: istio, watch_interval: 1s }  # Istio VirtualService, DestinationRule... (relative to this file)
 //! admin:
 //!   listen: 127.0.0.1:15014          # /debug/syncz, /ready (absent: no admin API)
 //! ```
@@ -46,6 +52,16 @@ pub struct Config {
     pub api: Option<SocketAddr>,
     /// The redb file the API's registrations persist in; memory only when absent.
     pub store: Option<PathBuf>,
+    /// The etcd store the API's registrations live in, shared by Pilot replicas (`store.etcd`).
+    pub store_etcd: Option<crate::etcd::EtcdConfig>,
+    /// The Istio config directory (`config.dir`), if any.
+    pub istio_dir: Option<PathBuf>,
+    /// How often it is read for changes.
+    pub istio_watch_interval: Duration,
+    /// The outbound Dubbo listener's address, if any.
+    pub outbound_dubbo: Option<SocketAddr>,
+    /// What each namespace's sidecars import.
+    pub imports: crate::scope::Imports,
     /// The registry adapters (`registries.zookeeper`, `registries.etcd`...).
     pub adapters: Vec<std::sync::Arc<dyn crate::registry::Adapter>>,
 }
@@ -65,15 +81,26 @@ impl Config {
     /// Reads and checks `path`; every problem is listed with its field.
     pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
         let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            vec![Problem {
+                file: file.clone(),
+                path: "(file)".into(),
+                reason: format!("cannot read: {e}"),
+            }]
+        })?;
+        Self::from_yaml(&text, &file, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// [`Config::load`] of `text`, named `file` in problems, relative paths from `base`.
+    pub fn from_yaml(text: &str, file: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+        let file = file.to_string();
         let problem = |p: &str, r: String| Problem {
             file: file.clone(),
             path: p.to_string(),
             reason: r,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| vec![problem("(file)", format!("cannot read: {e}"))])?;
         let doc =
-            tessera_xds::load::yaml_to_json(&text).map_err(|e| vec![problem("(file)", format!("not YAML: {e}"))])?;
-        let base = path.parent().unwrap_or(Path::new("."));
+            tessera_xds::load::yaml_to_json(text).map_err(|e| vec![problem("(file)", format!("not YAML: {e}"))])?;
         let mut problems = Vec::new();
         let mut get = |ptr: &str, field: &str| -> Option<String> {
             match doc.pointer(ptr) {
@@ -101,12 +128,22 @@ impl Config {
         let admin = get("/admin/listen", "admin.listen");
         let api = get("/registries/api/listen", "registries.api.listen");
         let store = get("/store/path", "store.path");
+        let istio_dir = get("/config/dir", "config.dir");
+        let istio_watch = get("/config/watch_interval", "config.watch_interval");
+        if let Some(o) = doc.pointer("/config").and_then(Value::as_object) {
+            for k in o.keys().filter(|k| !["dir", "watch_interval"].contains(&k.as_str())) {
+                problems.push(problem(
+                    &format!("config.{k}"),
+                    "unknown field (known: dir, watch_interval)".into(),
+                ));
+            }
+        }
         if let Some(o) = doc.as_object() {
             for k in o.keys() {
-                if !["xds", "registries", "push", "sidecar", "admin", "store"].contains(&k.as_str()) {
+                if !["xds", "registries", "push", "sidecar", "admin", "store", "config"].contains(&k.as_str()) {
                     problems.push(problem(
                         k,
-                        "unknown field (known: xds, registries, push, sidecar, admin, store)".into(),
+                        "unknown field (known: xds, registries, push, sidecar, admin, store, config)".into(),
                     ));
                 }
             }
@@ -135,9 +172,85 @@ impl Config {
             admin: admin.map(|a| addr(Some(a), "admin.listen", "127.0.0.1:15014", &mut problems)),
             api: api.map(|a| addr(Some(a), "registries.api.listen", "127.0.0.1:15080", &mut problems)),
             store: store.map(|p| base.join(p)),
+            store_etcd: None,
+            istio_dir: istio_dir.map(|d| base.join(d)),
+            istio_watch_interval: dur(
+                istio_watch,
+                "config.watch_interval",
+                Duration::from_secs(1),
+                &mut problems,
+            ),
+            outbound_dubbo: None,
+            imports: crate::scope::Imports::default(),
             adapters: Vec::new(),
         };
         let mut cfg = cfg;
+        if let Some(st) = doc.pointer("/store").and_then(Value::as_object) {
+            for k in st.keys().filter(|k| !["path", "etcd"].contains(&k.as_str())) {
+                problems.push(problem(
+                    &format!("store.{k}"),
+                    "unknown field (known: path, etcd)".into(),
+                ));
+            }
+            if let Some(v) = st.get("etcd").filter(|v| !v.is_null()) {
+                if st.contains_key("path") {
+                    problems.push(problem(
+                        "store.etcd",
+                        "give `path` (one Pilot's own file) or `etcd` (shared by replicas), not both".into(),
+                    ));
+                }
+                match crate::etcd::EtcdConfig::parse(v, &file, "store.etcd", false) {
+                    Ok(c) => cfg.store_etcd = Some(c),
+                    Err(p) => problems.extend(p),
+                }
+            }
+        }
+        if let Some(sc) = doc.pointer("/sidecar").and_then(Value::as_object) {
+            for k in sc.keys() {
+                if !["outbound_http", "outbound_dubbo", "imports"].contains(&k.as_str()) {
+                    problems.push(problem(
+                        &format!("sidecar.{k}"),
+                        "unknown field (known: outbound_http, outbound_dubbo, imports)".into(),
+                    ));
+                }
+            }
+        }
+        match doc.pointer("/sidecar/outbound_dubbo") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) => match s.parse() {
+                Ok(a) => cfg.outbound_dubbo = Some(a),
+                Err(_) => problems.push(problem(
+                    "sidecar.outbound_dubbo",
+                    format!("`{s}` is not an IP:port address"),
+                )),
+            },
+            Some(v) => problems.push(problem("sidecar.outbound_dubbo", format!("expected a string, not {v}"))),
+        }
+        match doc.pointer("/sidecar/imports") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (ns, list) in m {
+                    let at = format!("sidecar.imports.{ns}");
+                    let Some(list) = list.as_array() else {
+                        problems.push(problem(&at, "expected a list of NAMESPACE/HOST patterns".into()));
+                        continue;
+                    };
+                    let mut pats = Vec::new();
+                    for (i, p) in list.iter().enumerate() {
+                        match p.as_str().map(|s| (s, crate::scope::check_pattern(s))) {
+                            Some((s, Ok(()))) => pats.push(s.to_string()),
+                            Some((_, Err(e))) => problems.push(problem(&format!("{at}[{i}]"), e)),
+                            None => problems.push(problem(&format!("{at}[{i}]"), "expected a string".into())),
+                        }
+                    }
+                    cfg.imports.0.insert(ns.clone(), pats);
+                }
+            }
+            Some(v) => problems.push(problem(
+                "sidecar.imports",
+                format!("expected a mapping of namespace to patterns, not {v}"),
+            )),
+        }
         if let Some(regs) = doc.pointer("/registries").and_then(Value::as_object) {
             for (kind, v) in regs {
                 if kind == "file" || kind == "api" {
@@ -159,7 +272,8 @@ impl Config {
                 }
             }
         }
-        if cfg.file_dir.is_none() && cfg.api.is_none() && cfg.adapters.is_empty() {
+        // A replica on the shared etcd store serves what others registered, even without its own API.
+        if cfg.file_dir.is_none() && cfg.api.is_none() && cfg.adapters.is_empty() && cfg.store_etcd.is_none() {
             problems.push(problem(
                 "registries",
                 format!(

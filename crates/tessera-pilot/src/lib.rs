@@ -1,19 +1,27 @@
-//! Pilot (issue 9, first slice): one service model ([`model`]) fed by registries (so far the
-//! file registry, [`file`], and the Open Service Registry REST API, [`api`]), translated into Envoy resources ([`translate`]) and served over ADS
-//! (state of the world and delta) from `tessera_xds::server`, with debounced pushes ([`run`]).
+//! Pilot (issue 9): one service model ([`model`]) fed by registries (the file registry,
+//! [`file`]; the Open Service Registry REST API, [`api`], on an embedded redb [`store`] or on
+//! [`etcd`]; and adapters behind [`registry::Adapter`]: [`zookeeper`] for Dubbo, [`etcd`]),
+//! Istio traffic configuration ([`istio`]), translated per group of sidecars ([`scope`],
+//! [`translate`], [`sidecar`], [`push`]) into Envoy resources served over ADS (state of the world
+//! and delta) from `tessera_xds::server`, with debounced pushes and metrics ([`run`]).
 //!
-//! Not built yet (issue 9): the embedded redb / etcd store, the registry API's gRPC part, the
-//! ZooKeeper and etcd adapters, Istio traffic configuration, per-node scoping, push metrics,
-//! `/debug/syncz`, TCP and RPC ports in the generated sidecar config.
+//! Not built yet: the registry API's gRPC part, Consul/Nacos/Eureka/SOFARegistry/Kubernetes
+//! adapters, outbound TCP and Bolt listeners, workload certificates (docs/pilot.md).
 
 pub mod api;
 pub mod config;
+pub mod etcd;
 pub mod file;
+pub mod istio;
 pub mod model;
+pub mod push;
 pub mod registry;
 pub mod run;
+pub mod scope;
+pub mod sidecar;
 pub mod store;
 pub mod translate;
+pub mod zookeeper;
 
 /// One thing wrong in a file, with where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -92,6 +92,12 @@ pub fn from_config(
     base: &std::path::Path,
 ) -> Result<Arc<dyn Adapter>, Vec<Problem>> {
     let _ = (v, base);
+    if kind == "zookeeper" {
+        return crate::zookeeper::from_config(v, file);
+    }
+    if kind == "etcd" {
+        return crate::etcd::adapter::from_config(v, file);
+    }
     Err(vec![Problem {
         file: file.to_string(),
         path: format!("registries.{kind}"),

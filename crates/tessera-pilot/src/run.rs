@@ -85,9 +85,79 @@ impl Files {
     }
 }
 
-/// The admin API: `/debug/syncz` (every connected sidecar: node, mode, per type the version
-/// ACKed and the last NACK) and `/ready`.
-async fn admin(listener: tokio::net::TcpListener, ads: std::sync::Arc<AdsServer>) {
+/// Push timings, for `/metrics`.
+#[derive(Default)]
+struct Metrics {
+    /// Computing and setting a push.
+    push: std::sync::Mutex<tessera_xds::server::Histogram>,
+    /// From the first change to its push (the debounce).
+    wait: std::sync::Mutex<tessera_xds::server::Histogram>,
+    pushes: std::sync::atomic::AtomicU64,
+}
+
+impl Metrics {
+    fn observe_push(&self, took: Duration, waited: Duration) {
+        self.push
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .observe(took);
+        self.wait
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .observe(waited);
+        self.pushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn render(&self, ads: &AdsServer) -> String {
+        use std::fmt::Write;
+        let mut out = ads.metrics_text();
+        let _ = writeln!(
+            out,
+            "# TYPE pilot_push_triggers counter\npilot_push_triggers {}",
+            self.pushes.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE pilot_xds_groups gauge\npilot_xds_groups {}",
+            ads.groups().len()
+        );
+        self.push
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .render("pilot_xds_push_time", &mut out);
+        self.wait
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .render("pilot_debounce_time", &mut out);
+        out
+    }
+}
+
+/// What the admin API reads.
+struct AdminView {
+    ads: std::sync::Arc<AdsServer>,
+    metrics: std::sync::Arc<Metrics>,
+    registries: Vec<(&'static str, tokio::sync::watch::Receiver<crate::registry::Status>)>,
+}
+
+impl AdminView {
+    fn registryz(&self) -> serde_json::Value {
+        serde_json::Value::Array(
+            self.registries
+                .iter()
+                .map(|(kind, st)| {
+                    let st = st.borrow().clone();
+                    serde_json::json!({"kind": kind, "connected": st.connected, "last_error": st.last_error, "updates": st.updates})
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The admin API: `/debug/syncz` (every connected sidecar: node, group, mode, per type the
+/// version ACKed and the last NACK), `/debug/registryz` (each registry adapter's connection),
+/// `/metrics` (Prometheus text) and `/ready`.
+async fn admin(listener: tokio::net::TcpListener, view: std::sync::Arc<AdminView>) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     loop {
@@ -95,19 +165,29 @@ async fn admin(listener: tokio::net::TcpListener, ads: std::sync::Arc<AdsServer>
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let ads = ads.clone();
+        let view = view.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let ads = ads.clone();
+                let view = view.clone();
                 async move {
                     let (status, ctype, body) = match req.uri().path() {
                         "/debug/syncz" => (
                             200,
                             "application/json",
-                            serde_json::to_string_pretty(&ads.syncz()).unwrap_or_default(),
+                            serde_json::to_string_pretty(&view.ads.syncz()).unwrap_or_default(),
                         ),
+                        "/debug/registryz" => (
+                            200,
+                            "application/json",
+                            serde_json::to_string_pretty(&view.registryz()).unwrap_or_default(),
+                        ),
+                        "/metrics" => (200, "text/plain; version=0.0.4", view.metrics.render(&view.ads)),
                         "/ready" => (200, "text/plain", "LIVE\n".to_string()),
-                        _ => (404, "text/plain", "paths: /debug/syncz, /ready\n".to_string()),
+                        _ => (
+                            404,
+                            "text/plain",
+                            "paths: /debug/syncz, /debug/registryz, /metrics, /ready\n".to_string(),
+                        ),
                     };
                     let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
                     *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
@@ -125,20 +205,29 @@ async fn admin(listener: tokio::net::TcpListener, ads: std::sync::Arc<AdsServer>
     }
 }
 
+fn push_settings<'a>(
+    cfg: &'a Config,
+    translate: &'a dyn Fn(&Snapshot, std::net::SocketAddr) -> crate::translate::Resources,
+) -> crate::push::Settings<'a> {
+    crate::push::Settings {
+        imports: &cfg.imports,
+        outbound_http: cfg.sidecar.outbound_http,
+        outbound_dubbo: cfg.outbound_dubbo,
+        translate,
+    }
+}
+
 /// Feeds `ads` from the registries (and serves the admin API) until the future is dropped.
 pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
     let ads = std::sync::Arc::new(ads);
-    if let Some(at) = cfg.admin {
-        let l = tokio::net::TcpListener::bind(at)
-            .await
-            .map_err(|source| Error::Listen { addr: at, source })?;
-        let bound = l.local_addr().unwrap_or(at);
-        tracing::info!(address = %bound, "pilot admin API ready");
-        tokio::spawn(admin(l, ads.clone()));
-    }
-    let api = match &cfg.store {
-        Some(path) => crate::api::ApiRegistry::open(path).map_err(Error::Store)?,
-        None => crate::api::ApiRegistry::new(),
+    // Sidecars are grouped by namespace and inbound ports; the logs of every request are for tests.
+    ads.set_scoper(std::sync::Arc::new(|n| crate::scope::Group::of(n).key()));
+    ads.keep_log(false);
+    let metrics = std::sync::Arc::new(Metrics::default());
+    let api = match (&cfg.store, &cfg.store_etcd) {
+        (_, Some(etcd)) => crate::api::ApiRegistry::etcd(etcd),
+        (Some(path), None) => crate::api::ApiRegistry::open(path).map_err(Error::Store)?,
+        (None, None) => crate::api::ApiRegistry::new(),
     };
     let mut api_changed = api.subscribe();
     if let Some(at) = cfg.api {
@@ -157,18 +246,70 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
         feeds.push((a.kind(), view, status));
         tokio::spawn(a.clone().run(feed));
     }
+    if let Some(at) = cfg.admin {
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|source| Error::Listen { addr: at, source })?;
+        let bound = l.local_addr().unwrap_or(at);
+        tracing::info!(address = %bound, "pilot admin API ready");
+        let view = AdminView {
+            ads: ads.clone(),
+            metrics: metrics.clone(),
+            registries: feeds.iter().map(|(k, _, st)| (*k, st.clone())).collect(),
+        };
+        tokio::spawn(admin(l, std::sync::Arc::new(view)));
+    }
+    let mut adapter_woke = false;
     let mut api_seen = 0u64;
     let mut files = Files::default();
-    let mut version = 0u64;
+    let mut pusher = crate::push::Pusher::default();
+    let mut groups_changed = ads.watch_groups();
+    // Istio traffic config (`config.dir`): read on change, translated with every snapshot; what
+    // it refers to that does not exist is logged once per config.
+    let mut istio_files = crate::istio::Watch::default();
+    let mut istio_read: Option<Instant> = None;
+    let istio = std::sync::Mutex::new(crate::istio::Config::default());
+    let istio_logged = std::sync::Mutex::new(std::collections::BTreeSet::<String>::new());
+    let translate = |s: &Snapshot, outbound_http: std::net::SocketAddr| {
+        let mut sidecar = cfg.sidecar.clone();
+        sidecar.outbound_http = outbound_http;
+        let (r, problems) = crate::translate::translate_with(
+            s,
+            &istio.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            &sidecar,
+        );
+        let mut logged = istio_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for p in problems {
+            let p = p.to_string();
+            if logged.insert(p.clone()) {
+                tracing::warn!("Istio config: {p}");
+            }
+        }
+        r
+    };
     let mut current = Snapshot::default();
     let mut pending_since: Option<Instant> = None;
     let mut last_change = Instant::now();
-    let mut last: BTreeMap<&'static str, Vec<envoy_types::pb::google::protobuf::Any>> = BTreeMap::new();
     loop {
         api.expire(Instant::now());
         let api_now = *api_changed.borrow_and_update();
         let files_changed = cfg.file_dir.as_ref().is_some_and(|dir| files.refresh(dir));
-        let mut adapters_changed = false;
+        if let Some(dir) = &cfg.istio_dir
+            && istio_read.is_none_or(|t| t.elapsed() >= cfg.istio_watch_interval)
+        {
+            istio_read = Some(Instant::now());
+            if istio_files.refresh(dir) {
+                *istio.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = istio_files.config();
+                istio_logged
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
+                last_change = Instant::now();
+                pending_since.get_or_insert(last_change);
+            }
+        }
+        // A wake-up by an adapter consumed its change (`changed()` marks the view seen).
+        let mut adapters_changed = std::mem::take(&mut adapter_woke);
         for (_, view, _) in &mut feeds {
             if view.has_changed().unwrap_or(false) {
                 view.mark_unchanged();
@@ -215,33 +356,10 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
         if let Some(since) = pending_since
             && (last_change.elapsed() >= cfg.debounce || since.elapsed() >= cfg.debounce_max)
         {
-            version += 1;
             let started = Instant::now();
-            let r = crate::translate::translate(&current, &cfg.sidecar).by_type();
-            let v = version.to_string();
-            // Only the types whose resources changed are pushed: an instance change is EDS alone.
-            let mut changed: Vec<(&str, &str, Vec<envoy_types::pb::google::protobuf::Any>)> = Vec::new();
-            for (t, res) in r {
-                if last.get(t) != Some(&res) {
-                    last.insert(t, res.clone());
-                    changed.push((t, v.as_str(), res));
-                }
-            }
-            let types: Vec<&str> = changed
-                .iter()
-                .map(|(t, _, _)| t.rsplit('.').next().unwrap_or(t))
-                .collect();
-            tracing::info!(
-                version,
-                services = current.services.len(),
-                types = %types.join(","),
-                waited = ?since.elapsed(),
-                translate = ?started.elapsed(),
-                "pushed"
-            );
-            if !changed.is_empty() {
-                ads.set_all(changed);
-            }
+            let p = pusher.push(&ads, &current, &push_settings(&cfg, &translate), false);
+            metrics.observe_push(started.elapsed(), since.elapsed());
+            crate::push::log(&p, current.services.len(), Some(since.elapsed()), started);
             pending_since = None;
         }
         let tick = if pending_since.is_some() {
@@ -260,7 +378,14 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
         tokio::select! {
             () = tokio::time::sleep(tick) => {}
             _ = api_changed.changed() => {}
-            () = adapter_changed => {}
+            () = adapter_changed => adapter_woke = true,
+            _ = groups_changed.changed() => {
+                // A sidecar of a new group connected: compute its group now, not at the next change.
+                groups_changed.mark_unchanged();
+                let started = Instant::now();
+                let p = pusher.push(&ads, &current, &push_settings(&cfg, &translate), true);
+                crate::push::log(&p, current.services.len(), None, started);
+            }
         }
     }
 }

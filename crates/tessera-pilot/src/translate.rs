@@ -6,6 +6,12 @@
 //!   `:<port>` (the first HTTP port of a service also takes the bare names).
 //!
 //! TCP, Bolt and Dubbo ports get their clusters and endpoints but no listener yet.
+//!
+//! With Istio configuration ([`translate_with`], see [`crate::istio`]): ServiceEntry hosts become
+//! services of their own (EDS for STATIC, STRICT_DNS for DNS); DestinationRule policies set the
+//! clusters' load balancing, circuit breakers, outlier detection and TLS, and each subset gets a
+//! cluster `outbound|<port>|<subset>|<host>` with the endpoints its labels select; a
+//! VirtualService's HTTP routes replace the default route of its hosts' virtual hosts.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -97,122 +103,304 @@ pub fn cluster_name(port: u16, host: &str) -> String {
     format!("outbound|{port}||{host}")
 }
 
-/// Translates a snapshot.
-pub fn translate(s: &Snapshot, sidecar: &SidecarSettings) -> Resources {
-    let mut out = Resources::default();
-    let mut vhosts = Vec::new();
+/// What a cluster is built from: a registry service or one host of a ServiceEntry.
+struct Target {
+    /// The host name clusters are named after.
+    host: String,
+    /// `<name>.<namespace>` for registry services.
+    short: Option<String>,
+    ports: Vec<crate::model::Port>,
+    endpoints: Vec<Ep>,
+    /// Endpoints are names the sidecar resolves (STRICT_DNS) rather than EDS addresses.
+    dns: bool,
+}
+
+/// An endpoint: an IP address (or a DNS name), with its port per service port name.
+struct Ep {
+    address: String,
+    ports: BTreeMap<String, u16>,
+    labels: BTreeMap<String, String>,
+    weight: u32,
+    locality: Option<(String, String, String)>,
+}
+
+fn targets(s: &Snapshot, istio: &crate::istio::Config, problems: &mut Vec<crate::Problem>) -> Vec<Target> {
+    let mut out: Vec<Target> = Vec::new();
     for (key, svc) in &s.services {
-        let host = svc.hostname();
-        let short = format!("{}.{}", svc.name, svc.namespace);
         let instances = s.instances.get(key).map(Vec::as_slice).unwrap_or(&[]);
-        let mut first_http = true;
-        for port in &svc.ports {
-            let name = cluster_name(port.port, &host);
-            let mut c = Cluster {
-                name: name.clone(),
-                cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
-                eds_cluster_config: Some(cluster::EdsClusterConfig {
-                    eds_config: Some(ads()),
-                    service_name: String::new(),
-                }),
-                connect_timeout: Some(PbDuration { seconds: 1, nanos: 0 }),
+        out.push(Target {
+            host: svc.hostname(),
+            short: Some(format!("{}.{}", svc.name, svc.namespace)),
+            ports: svc.ports.clone(),
+            endpoints: instances
+                .iter()
+                .filter(|i| i.healthy)
+                .map(|i| Ep {
+                    address: i.address.to_string(),
+                    ports: i.ports.clone(),
+                    labels: i.labels.clone(),
+                    weight: i.weight,
+                    locality: i.locality.clone(),
+                })
+                .collect(),
+            dns: false,
+        });
+    }
+    for se in istio.service_entries() {
+        for (i, host) in se.hosts.iter().enumerate() {
+            if out.iter().any(|t| &t.host == host) {
+                problems.push(se.meta.problem(
+                    &format!("spec.hosts[{i}]"),
+                    format!("`{host}` is already a service (from a registry or an earlier ServiceEntry); this entry's definition of it is ignored"),
+                ));
+                continue;
+            }
+            let ports: Vec<crate::model::Port> = se
+                .ports
+                .iter()
+                .map(|p| crate::model::Port {
+                    name: p.name.clone(),
+                    port: p.number,
+                    protocol: p.protocol,
+                })
+                .collect();
+            let endpoints = se
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let mut ports = e.ports.clone();
+                    for p in &se.ports {
+                        ports.entry(p.name.clone()).or_insert(p.target_port.unwrap_or(p.number));
+                    }
+                    Ep {
+                        address: e.address.clone(),
+                        ports,
+                        labels: e.labels.clone(),
+                        weight: e.weight,
+                        locality: e.locality.clone(),
+                    }
+                })
+                .collect();
+            out.push(Target {
+                host: host.clone(),
+                short: None,
+                ports,
+                endpoints,
+                dns: se.dns,
+            });
+        }
+    }
+    out
+}
+
+fn lb_metadata(labels: &BTreeMap<String, String>) -> Option<Metadata> {
+    let labels: BTreeMap<String, Value> = labels
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                Value {
+                    kind: Some(value::Kind::StringValue(v.clone())),
+                },
+            )
+        })
+        .collect();
+    (!labels.is_empty()).then(|| Metadata {
+        filter_metadata: [(
+            "envoy.lb".to_string(),
+            Struct {
+                fields: labels.into_iter().collect(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    })
+}
+
+fn load_assignment<'a>(name: &str, port: &str, eps: impl Iterator<Item = &'a Ep>) -> ClusterLoadAssignment {
+    // Endpoints, grouped by locality.
+    let mut groups: BTreeMap<Option<(String, String, String)>, Vec<LbEndpoint>> = BTreeMap::new();
+    for e in eps {
+        let Some(p) = e.ports.get(port) else { continue };
+        groups.entry(e.locality.clone()).or_default().push(LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket_named(&e.address, *p)),
                 ..Default::default()
-            };
-            if matches!(port.protocol, Protocol::Http2 | Protocol::Grpc) {
-                let opts = HttpProtocolOptions {
-                    upstream_protocol_options: Some(
-                        http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-                            http_protocol_options::ExplicitHttpConfig {
-                                protocol_config: Some(
-                                    http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                                        Http2ProtocolOptions::default(),
-                                    ),
-                                ),
-                            },
+            })),
+            load_balancing_weight: Some(UInt32Value { value: e.weight }),
+            metadata: lb_metadata(&e.labels),
+            ..Default::default()
+        });
+    }
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: groups
+            .into_iter()
+            .map(|(loc, lb_endpoints)| {
+                // A locality and its weight (the sum of its endpoints'), as Istio sends them:
+                // gRPC's xDS client ignores localities without a weight.
+                let weight: u32 = lb_endpoints
+                    .iter()
+                    .map(|e| e.load_balancing_weight.as_ref().map_or(1, |w| w.value))
+                    .sum();
+                LocalityLbEndpoints {
+                    locality: Some(
+                        loc.map(|(region, zone, sub_zone)| Locality { region, zone, sub_zone })
+                            .unwrap_or_default(),
+                    ),
+                    load_balancing_weight: Some(UInt32Value { value: weight.max(1) }),
+                    lb_endpoints,
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn socket_named(address: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: address.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn base_cluster(name: &str, t: &Target, port: &crate::model::Port) -> Cluster {
+    let mut c = Cluster {
+        name: name.to_string(),
+        connect_timeout: Some(PbDuration { seconds: 1, nanos: 0 }),
+        ..Default::default()
+    };
+    if t.dns {
+        c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::StrictDns as i32,
+        ));
+    } else {
+        c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32));
+        c.eds_cluster_config = Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        });
+    }
+    if matches!(port.protocol, Protocol::Http2 | Protocol::Grpc) {
+        let opts = HttpProtocolOptions {
+            upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(
+                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            Http2ProtocolOptions::default(),
                         ),
                     ),
-                    ..Default::default()
-                };
-                c.typed_extension_protocol_options.insert(
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-                    any(&opts),
-                );
+                },
+            )),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            any(&opts),
+        );
+    }
+    c
+}
+
+/// Istio's subset cluster name.
+pub fn subset_cluster_name(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+/// Translates a snapshot.
+pub fn translate(s: &Snapshot, sidecar: &SidecarSettings) -> Resources {
+    translate_with(s, &crate::istio::Config::default(), sidecar).0
+}
+
+/// Translates a snapshot with Istio traffic configuration; the problems are the references the
+/// configuration makes to what does not exist (a VirtualService with one is left out whole).
+pub fn translate_with(
+    s: &Snapshot,
+    istio: &crate::istio::Config,
+    sidecar: &SidecarSettings,
+) -> (Resources, Vec<crate::Problem>) {
+    let mut problems = Vec::new();
+    let targets = targets(s, istio, &mut problems);
+    let mut out = Resources::default();
+    for t in &targets {
+        let dr = istio.rule_for(&t.host);
+        for port in &t.ports {
+            let mut subsets: Vec<(Option<&str>, BTreeMap<String, String>)> = vec![(None, BTreeMap::new())];
+            if let Some(dr) = dr {
+                subsets.extend(dr.subsets.iter().map(|s| (Some(s.name.as_str()), s.labels.clone())));
             }
-            out.clusters.push(any(&c));
-            // Endpoints, grouped by locality.
-            let mut groups: BTreeMap<Option<(String, String, String)>, Vec<LbEndpoint>> = BTreeMap::new();
-            for i in instances.iter().filter(|i| i.healthy) {
-                let Some(p) = i.ports.get(&port.name) else { continue };
-                let labels: BTreeMap<String, Value> = i
-                    .labels
+            for (subset, labels) in subsets {
+                let name = match subset {
+                    None => cluster_name(port.port, &t.host),
+                    Some(n) => subset_cluster_name(port.port, n, &t.host),
+                };
+                let mut c = base_cluster(&name, t, port);
+                crate::istio::xds::apply(&mut c, &crate::istio::xds::effective(dr, subset, port.port), &t.host);
+                let eps = t
+                    .endpoints
                     .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            Value {
-                                kind: Some(value::Kind::StringValue(v.clone())),
-                            },
-                        )
-                    })
-                    .collect();
-                let metadata = (!labels.is_empty()).then(|| Metadata {
-                    filter_metadata: [(
-                        "envoy.lb".to_string(),
-                        Struct {
-                            fields: labels.into_iter().collect(),
-                        },
-                    )]
-                    .into_iter()
-                    .collect(),
-                    ..Default::default()
-                });
-                groups.entry(i.locality.clone()).or_default().push(LbEndpoint {
-                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                        address: Some(socket(i.address, *p)),
+                    .filter(|e| labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)));
+                let cla = load_assignment(&name, &port.name, eps);
+                if t.dns {
+                    c.load_assignment = Some(cla);
+                } else {
+                    out.endpoints.push(any(&cla));
+                }
+                out.clusters.push(any(&c));
+            }
+        }
+    }
+    for dr in istio.destination_rules() {
+        if !targets.iter().any(|t| crate::istio::host_matches(&dr.host, &t.host)) {
+            problems.push(dr.meta.problem(
+                "spec.host",
+                format!(
+                    "`{}` is not a known service (from a registry or a ServiceEntry); the rule applies to nothing",
+                    dr.host
+                ),
+            ));
+        }
+    }
+    let routes = crate::istio::routes::virtual_hosts(istio, &targets_view(&targets), &mut problems);
+    let mut vhosts = Vec::new();
+    for t in &targets {
+        let mut first_http = true;
+        for port in t.ports.iter().filter(|p| p.protocol.is_http()) {
+            let host = &t.host;
+            let mut domains = vec![format!("{host}:{}", port.port)];
+            if let Some(short) = &t.short {
+                domains.push(format!("{short}:{}", port.port));
+            }
+            if first_http {
+                let mut bare = vec![host.clone()];
+                bare.extend(t.short.clone());
+                domains.splice(0..0, bare);
+                first_http = false;
+            }
+            let routes = routes.get(&(host.clone(), port.port)).cloned().unwrap_or_else(|| {
+                vec![Route {
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster_name(port.port, host))),
                         ..Default::default()
                     })),
-                    load_balancing_weight: Some(UInt32Value { value: i.weight }),
-                    metadata,
                     ..Default::default()
-                });
-            }
-            let cla = ClusterLoadAssignment {
-                cluster_name: name.clone(),
-                endpoints: groups
-                    .into_iter()
-                    .map(|(loc, lb_endpoints)| LocalityLbEndpoints {
-                        locality: loc.map(|(region, zone, sub_zone)| Locality { region, zone, sub_zone }),
-                        lb_endpoints,
-                        ..Default::default()
-                    })
-                    .collect(),
+                }]
+            });
+            vhosts.push(VirtualHost {
+                name: format!("{host}:{}", port.port),
+                domains,
+                routes,
                 ..Default::default()
-            };
-            out.endpoints.push(any(&cla));
-            if port.protocol.is_http() {
-                let mut domains = vec![format!("{host}:{}", port.port), format!("{short}:{}", port.port)];
-                if first_http {
-                    domains.insert(0, host.clone());
-                    domains.insert(1, short.clone());
-                    first_http = false;
-                }
-                vhosts.push(VirtualHost {
-                    name: format!("{host}:{}", port.port),
-                    domains,
-                    routes: vec![Route {
-                        r#match: Some(RouteMatch {
-                            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
-                            ..Default::default()
-                        }),
-                        action: Some(route::Action::Route(RouteAction {
-                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(name.clone())),
-                            ..Default::default()
-                        })),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                });
-            }
+            });
         }
     }
     out.routes.push(any(&RouteConfiguration {
@@ -245,7 +433,16 @@ pub fn translate(s: &Snapshot, sidecar: &SidecarSettings) -> Resources {
         }],
         ..Default::default()
     }));
-    out
+    (out, problems)
+}
+
+fn targets_view(ts: &[Target]) -> Vec<crate::istio::routes::Host> {
+    ts.iter()
+        .map(|t| crate::istio::routes::Host {
+            host: t.host.clone(),
+            ports: t.ports.iter().map(|p| (p.port, p.protocol.is_http())).collect(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -53,6 +53,20 @@ pub trait Connect: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<BoxIo>> + Send + 'static>>;
 }
 
+/// A bare ADS client on a plaintext connection to `address` (`host:port` or `unix:PATH`), for
+/// load clients and tests that speak the protocol themselves.
+pub async fn connect_raw(address: &str) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
+    let dialer = Dialer {
+        target: address.to_string(),
+        tls: None,
+    };
+    let channel = tonic::transport::Endpoint::from_static("http://xds.control-plane")
+        .connect_with_connector(dialer)
+        .await
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20))
+}
+
 /// Dials the control plane for tonic: TCP (with TLS when set) or a Unix socket (`unix:PATH`).
 #[derive(Clone)]
 struct Dialer {

@@ -4,8 +4,17 @@
 //! changed and removed resources per subscription). Every request is logged, so the ACK / NACK
 //! sequence of each client can be read back.
 //!
-//! The tests and the xDS benchmark drive sidecars (Tessera's and Envoy's) with it; Pilot's xDS
-//! server will grow from it (per-node scoping, debouncing and push metrics are not here yet).
+//! The tests and the xDS benchmark drive sidecars (Tessera's and Envoy's) with it, and Pilot
+//! serves with it:
+//! - **groups** (per-node scoping): a scoper maps each stream's node to a group, and each group
+//!   has its own snapshots (Pilot groups sidecars by what they import);
+//! - a snapshot remembers what changed since the version before it, so a stream holding that
+//!   version looks at the changed names alone, and a state-of-the-world stream none of whose
+//!   resources changed is not pushed at all (an endpoint change reaches only the sidecars that
+//!   use the cluster);
+//! - snapshots are shared (`Arc`) by the streams, never copied per stream;
+//! - metrics with Istio's names, and `syncz`;
+//! - the request/response logs (for tests) can be turned off.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -80,14 +89,133 @@ impl Req {
     }
 }
 
-#[derive(Default, Clone)]
+/// One type's resources in one group, at a version. Shared by every stream (an `Arc`), never
+/// copied per stream.
+#[derive(Default)]
 struct Snap {
     version: String,
-    resources: BTreeMap<String, Any>,
+    /// Name -> (resource, content hash; the delta version). Names are shared (`Arc<str>`) with
+    /// the snapshot before and with the subscriptions of every stream, so a thousand sidecars
+    /// subscribed to the same ten thousand names hold pointers, not copies.
+    resources: BTreeMap<Arc<str>, (Any, u64)>,
+    /// The version this one replaced, and the names added, changed or removed since: a stream
+    /// that holds `prev` looks at these alone.
+    prev: String,
+    changed: BTreeSet<Arc<str>>,
+    /// When it was set (convergence is measured from here to each ACK).
+    at: Option<Instant>,
 }
 
+impl Snap {
+    fn new(version: &str, resources: Vec<Any>, before: Option<&Snap>) -> Snap {
+        let resources: BTreeMap<Arc<str>, (Any, u64)> = resources
+            .into_iter()
+            .map(|a| {
+                let h = hash_of(&a);
+                let name = name_of(&a);
+                let key = match before.and_then(|b| b.resources.get_key_value(name.as_str())) {
+                    Some((k, _)) => k.clone(),
+                    None => Arc::from(name),
+                };
+                (key, (a, h))
+            })
+            .collect();
+        let (prev, changed) = match before {
+            None => (String::new(), resources.keys().cloned().collect()),
+            Some(b) => {
+                let mut c: BTreeSet<Arc<str>> = resources
+                    .iter()
+                    .filter(|(n, (_, h))| b.resources.get(*n).map(|(_, bh)| bh) != Some(h))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                c.extend(b.resources.keys().filter(|n| !resources.contains_key(*n)).cloned());
+                (b.version.clone(), c)
+            }
+        };
+        Snap {
+            version: version.to_string(),
+            resources,
+            prev,
+            changed,
+            at: Some(Instant::now()),
+        }
+    }
+
+    /// `name` as the snapshot's shared key when it has it.
+    fn intern(snap: Option<&Snap>, name: String) -> Arc<str> {
+        match snap.and_then(|s| s.resources.get_key_value(name.as_str())) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(name),
+        }
+    }
+}
+
+/// Maps a node to its group: streams of one group share one snapshot per type.
+pub type Scoper = Arc<dyn Fn(Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> String + Send + Sync>;
+
+/// Push counters and the convergence histogram (Istio's metric names).
+#[derive(Default)]
+struct Metrics {
+    /// Responses sent, per type URL.
+    pushes: BTreeMap<String, u64>,
+    /// NACKs received, per type URL.
+    rejects: BTreeMap<String, u64>,
+    /// Milliseconds from a snapshot being set to its ACK, bucketed.
+    convergence: Histogram,
+}
+
+/// Upper bounds of the convergence buckets, in milliseconds.
+const BUCKETS_MS: [u64; 14] = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000];
+
+/// A latency histogram with buckets from 1 ms to 60 s, rendered as Prometheus text in seconds.
+#[derive(Debug, Default, Clone)]
+pub struct Histogram {
+    counts: [u64; BUCKETS_MS.len() + 1],
+    sum_ms: f64,
+    count: u64,
+}
+
+impl Histogram {
+    /// Renders as the Prometheus histogram `name`.
+    pub fn render(&self, name: &str, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cum = 0;
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            cum += self.counts[i];
+            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cum}", *b as f64 / 1000.0);
+        }
+        cum += self.counts[BUCKETS_MS.len()];
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_ms / 1000.0);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+
+    /// Adds a sample.
+    pub fn observe(&mut self, d: Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        let i = BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b as f64)
+            .unwrap_or(BUCKETS_MS.len());
+        self.counts[i] += 1;
+        self.sum_ms += ms;
+        self.count += 1;
+    }
+}
+
+type Group = HashMap<String, Arc<Snap>>;
+
 struct Shared {
-    snaps: Mutex<HashMap<String, Snap>>,
+    /// Group -> type URL -> snapshot.
+    snaps: Mutex<HashMap<String, Group>>,
+    scoper: Mutex<Option<Scoper>>,
+    /// The groups of connected streams, with how many streams each; `wanted` ticks when one appears.
+    groups: Mutex<BTreeMap<String, usize>>,
+    wanted: watch::Sender<u64>,
+    /// Keep every request and response (tests read them back); off for Pilot at scale.
+    keep_log: std::sync::atomic::AtomicBool,
+    metrics: Mutex<Metrics>,
     changed: watch::Sender<u64>,
     log: Mutex<VecDeque<Req>>,
     nonce: AtomicU64,
@@ -104,6 +232,9 @@ struct Shared {
 #[derive(Debug, Clone, Default)]
 struct StreamSync {
     node_id: String,
+    /// Its group (see [`Scoper`]); `joined` once resolved.
+    group: String,
+    joined: bool,
     delta: bool,
     since: Option<std::time::SystemTime>,
     /// Per type URL: last version ACKed, its nonce, the last NACK, counts.
@@ -136,22 +267,75 @@ impl Shared {
                     Some(e) => {
                         t.nacks += 1;
                         t.last_nack = Some(e.clone());
+                        *lock(&self.metrics).rejects.entry(r.type_url.clone()).or_default() += 1;
                     }
                     None => {
                         t.acks += 1;
-                        t.acked.clone_from(&r.version);
+                        if t.acked != r.version {
+                            t.acked.clone_from(&r.version);
+                            // Convergence: from the snapshot being set to this ACK of it.
+                            let at = lock(&self.snaps)
+                                .get(&st.group)
+                                .and_then(|g| g.get(&r.type_url))
+                                .filter(|s| s.version == r.version)
+                                .and_then(|s| s.at);
+                            if let Some(at) = at {
+                                lock(&self.metrics).convergence.observe(at.elapsed());
+                            }
+                        }
                     }
                 }
             }
         }
-        bounded_push(&mut lock(&self.log), r);
+        if self.keep_log.load(Ordering::Relaxed) {
+            bounded_push(&mut lock(&self.log), r);
+        }
+    }
+
+    /// The stream's group, resolved from its node on its first request.
+    fn join_group(&self, stream: u64, node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> String {
+        let scoper = lock(&self.scoper).clone();
+        let g = scoper.map(|f| f(node)).unwrap_or_default();
+        {
+            let mut all = lock(&self.syncz);
+            let st = all.entry(stream).or_default();
+            st.group.clone_from(&g);
+            st.joined = true;
+        }
+        let mut groups = lock(&self.groups);
+        let n = groups.entry(g.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.wanted.send_modify(|v| *v += 1);
+        }
+        g
+    }
+
+    fn snap(&self, group: &str, type_url: &str) -> Option<Arc<Snap>> {
+        lock(&self.snaps).get(group).and_then(|g| g.get(type_url)).cloned()
     }
 
     fn stream_ended(&self, stream: u64) {
-        lock(&self.syncz).remove(&stream);
+        let Some(st) = lock(&self.syncz).remove(&stream) else {
+            return;
+        };
+        if !st.joined {
+            return;
+        }
+        let mut groups = lock(&self.groups);
+        if let Some(n) = groups.get_mut(&st.group) {
+            *n -= 1;
+            if *n == 0 {
+                groups.remove(&st.group);
+            }
+        }
     }
 
     fn record(&self, type_url: &str, version: &str, nonce: &str, resources: usize) {
+        *lock(&self.metrics).pushes.entry(type_url.to_string()).or_default() += 1;
+        if !self.keep_log.load(Ordering::Relaxed) {
+            return;
+        }
         bounded_push(
             &mut lock(&self.sent),
             Sent {
@@ -219,6 +403,11 @@ fn name_of(any: &Any) -> String {
     n.unwrap_or_default()
 }
 
+/// `Cluster` of `type.googleapis.com/envoy.config.cluster.v3.Cluster`.
+fn short(type_url: &str) -> &str {
+    type_url.rsplit('.').next().unwrap_or(type_url)
+}
+
 /// The node metadata's keys (what a test wants to see arrived).
 fn meta_keys(node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> Vec<String> {
     node.and_then(|n| n.metadata.as_ref())
@@ -226,14 +415,22 @@ fn meta_keys(node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> V
         .unwrap_or_default()
 }
 
-fn hash_version(a: &Any) -> String {
+fn hash_of(a: &Any) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     a.value.hash(&mut h);
-    format!("{:x}", h.finish())
+    h.finish()
 }
 
 #[derive(Clone)]
 struct Svc(Arc<Shared>);
+
+/// What a state-of-the-world stream last sent of a type: the version and the names asked for.
+/// (Per-resource hashes are not kept per stream: a stream more than one version behind is
+/// sent its set again, which is rare and cheap next to the memory of a thousand streams.)
+struct SotwSent {
+    version: String,
+    names: Vec<Arc<str>>,
+}
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Svc {
@@ -251,12 +448,18 @@ impl AggregatedDiscoveryService for Svc {
         tokio::spawn(async move {
             let mut changed = sh.changed.subscribe();
             let mut raw = sh.raw.subscribe();
-            let mut subs: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            let mut sent: HashMap<String, (String, Vec<String>)> = HashMap::new();
+            let mut group: Option<String> = None;
+            let mut subs: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
+            // Per type: the version last sent (or passed over) and the names it was for, so a
+            // push that changes none of them is skipped.
+            let mut sent: HashMap<String, SotwSent> = HashMap::new();
             loop {
                 let types: Vec<String> = tokio::select! {
                     m = inbound.message() => match m {
                         Ok(Some(r)) => {
+                            if group.is_none() {
+                                group = Some(sh.join_group(stream, r.node.as_ref()));
+                            }
                             sh.record_request(Req {
                                 at: Instant::now(),
                                 type_url: r.type_url.clone(),
@@ -271,8 +474,14 @@ impl AggregatedDiscoveryService for Svc {
                                 delta: false,
                                 stream,
                             });
-                            let mut names = r.resource_names.clone();
+                            let snap = sh.snap(group.as_deref().unwrap_or(""), &r.type_url);
+                            let mut names: Vec<Arc<str>> = r
+                                .resource_names
+                                .into_iter()
+                                .map(|n| Snap::intern(snap.as_deref(), n))
+                                .collect();
                             names.sort();
+                            names.dedup();
                             subs.insert(r.type_url.clone(), names);
                             vec![r.type_url]
                         }
@@ -290,22 +499,40 @@ impl AggregatedDiscoveryService for Svc {
                         continue;
                     }
                 };
+                let g = group.as_deref().unwrap_or("");
                 for t in types {
-                    let Some(snap) = lock(&sh.snaps).get(&t).cloned() else {
+                    let Some(snap) = sh.snap(g, &t) else {
                         continue;
                     };
-                    let names = subs.get(&t).cloned().unwrap_or_default();
-                    let key = (snap.version.clone(), names.clone());
-                    if sent.get(&t) == Some(&key) {
-                        continue;
+                    let names = subs.get(&t).map(Vec::as_slice).unwrap_or(&[]);
+                    // Empty names (or `*`) ask for everything; a client that names listeners or
+                    // clusters (gRPC's xDS client does) gets those alone.
+                    let wildcard = names.is_empty() || names.iter().any(|n| &**n == "*");
+                    if let Some(l) = sent.get_mut(&t)
+                        && l.names == names
+                    {
+                        if l.version == snap.version {
+                            continue;
+                        }
+                        // Nothing this stream holds changed: no push, as Istio skips EDS for
+                        // sidecars that do not use the cluster.
+                        if !wildcard
+                            && l.version == snap.prev
+                            && !snap.changed.iter().any(|n| names.binary_search(n).is_ok())
+                        {
+                            l.version.clone_from(&snap.version);
+                            continue;
+                        }
                     }
-                    let wildcard = t == LISTENER || t == CLUSTER || names.is_empty();
-                    let resources = snap
-                        .resources
-                        .iter()
-                        .filter(|(n, _)| wildcard || names.contains(n))
-                        .map(|(_, a)| a.clone())
-                        .collect();
+                    let resources: Vec<Any> = if wildcard {
+                        snap.resources.values().map(|(a, _)| a.clone()).collect()
+                    } else {
+                        names
+                            .iter()
+                            .filter_map(|n| snap.resources.get(n))
+                            .map(|(a, _)| a.clone())
+                            .collect()
+                    };
                     let resp = DiscoveryResponse {
                         version_info: snap.version.clone(),
                         resources,
@@ -314,7 +541,13 @@ impl AggregatedDiscoveryService for Svc {
                         ..Default::default()
                     };
                     sh.record(&resp.type_url, &resp.version_info, &resp.nonce, resp.resources.len());
-                    sent.insert(t, key);
+                    sent.insert(
+                        t,
+                        SotwSent {
+                            version: snap.version.clone(),
+                            names: names.to_vec(),
+                        },
+                    );
                     if tx.send(Ok(resp)).await.is_err() {
                         sh.stream_ended(stream);
                         return;
@@ -336,13 +569,20 @@ impl AggregatedDiscoveryService for Svc {
         let stream = sh.streams.fetch_add(1, Ordering::Relaxed) + 1;
         tokio::spawn(async move {
             let mut changed = sh.changed.subscribe();
+            let mut group: Option<String> = None;
             // type -> (wildcard, names); what the client holds: type -> name -> version.
-            let mut subs: BTreeMap<String, (bool, BTreeSet<String>)> = BTreeMap::new();
-            let mut known: HashMap<String, HashMap<String, String>> = HashMap::new();
+            let mut subs: BTreeMap<String, (bool, BTreeSet<Arc<str>>)> = BTreeMap::new();
+            let mut known: HashMap<String, HashMap<Arc<str>, u64>> = HashMap::new();
+            // Per type: the snapshot version last looked at, and whether the subscription
+            // changed since (then every resource is compared, not only the changed ones).
+            let mut seen: HashMap<String, String> = HashMap::new();
             loop {
                 let types: Vec<String> = tokio::select! {
                     m = inbound.message() => match m {
                         Ok(Some(r)) => {
+                            if group.is_none() {
+                                group = Some(sh.join_group(stream, r.node.as_ref()));
+                            }
                             let acked = lock(&sh.delta_versions).get(&r.response_nonce).cloned();
                             sh.record_request(Req {
                                 at: Instant::now(),
@@ -364,15 +604,25 @@ impl AggregatedDiscoveryService for Svc {
                                     && (r.resource_names_subscribe.is_empty() || r.resource_names_subscribe.iter().any(|n| n == "*"));
                                 (wildcard, BTreeSet::new())
                             });
-                            entry.1.extend(r.resource_names_subscribe.iter().filter(|n| *n != "*").cloned());
+                            let snap = sh.snap(group.as_deref().unwrap_or(""), &r.type_url);
+                            entry.1.extend(
+                                r.resource_names_subscribe
+                                    .iter()
+                                    .filter(|n| *n != "*")
+                                    .map(|n| Snap::intern(snap.as_deref(), n.clone())),
+                            );
                             let k = known.entry(r.type_url.clone()).or_default();
                             for n in &r.resource_names_unsubscribe {
-                                entry.1.remove(n);
-                                k.remove(n);
+                                entry.1.remove(n.as_str());
+                                k.remove(n.as_str());
                             }
                             if first {
-                                k.extend(r.initial_resource_versions.clone());
+                                // Versions we sent are hex hashes; anything else is sent again.
+                                k.extend(r.initial_resource_versions.iter().map(|(n, v)| {
+                                    (Snap::intern(snap.as_deref(), n.clone()), u64::from_str_radix(v, 16).unwrap_or(0))
+                                }));
                             }
+                            seen.remove(&r.type_url);
                             if !r.response_nonce.is_empty() {
                                 continue;
                             }
@@ -385,29 +635,57 @@ impl AggregatedDiscoveryService for Svc {
                         subs.keys().cloned().collect()
                     }
                 };
+                let g = group.as_deref().unwrap_or("");
                 for t in types {
-                    let snap = lock(&sh.snaps).get(&t).cloned().unwrap_or_default();
-                    let (wildcard, names) = subs.get(&t).cloned().unwrap_or_default();
+                    let Some(snap) = sh.snap(g, &t) else {
+                        continue;
+                    };
+                    let Some((wildcard, names)) = subs.get(&t) else {
+                        continue;
+                    };
+                    let wildcard = *wildcard;
                     let k = known.entry(t.clone()).or_default();
                     let mut resources = Vec::new();
-                    for (n, a) in &snap.resources {
-                        if !(wildcard || names.contains(n)) {
-                            continue;
-                        }
-                        let v = hash_version(a);
-                        if k.get(n) != Some(&v) {
-                            k.insert(n.clone(), v.clone());
-                            resources.push(Resource {
-                                name: n.clone(),
-                                version: v,
-                                resource: Some(a.clone()),
-                                ..Default::default()
-                            });
+                    let mut removed = Vec::new();
+                    // Holding the previous version: only what changed since needs a look.
+                    let incremental = seen.get(&t).is_some_and(|v| *v == snap.prev);
+                    if seen.get(&t) == Some(&snap.version) {
+                        continue;
+                    }
+                    seen.insert(t.clone(), snap.version.clone());
+                    let candidates: Vec<Arc<str>> = if incremental {
+                        snap.changed.iter().cloned().collect()
+                    } else if wildcard {
+                        snap.resources
+                            .keys()
+                            .chain(k.keys().filter(|n| !snap.resources.contains_key(*n)))
+                            .cloned()
+                            .collect()
+                    } else {
+                        names
+                            .iter()
+                            .chain(k.keys().filter(|n| !names.contains(*n)))
+                            .cloned()
+                            .collect()
+                    };
+                    for n in &candidates {
+                        let wanted = wildcard || names.contains(n);
+                        match snap.resources.get(n) {
+                            Some((a, v)) if wanted && k.get(n) != Some(v) => {
+                                k.insert(n.clone(), *v);
+                                resources.push(Resource {
+                                    name: n.to_string(),
+                                    version: format!("{v:x}"),
+                                    resource: Some(a.clone()),
+                                    ..Default::default()
+                                });
+                            }
+                            None if k.contains_key(n) => removed.push(n.to_string()),
+                            _ => {}
                         }
                     }
-                    let removed: Vec<String> = k.keys().filter(|n| !snap.resources.contains_key(*n)).cloned().collect();
                     for n in &removed {
-                        k.remove(n);
+                        k.remove(n.as_str());
                     }
                     if resources.is_empty() && removed.is_empty() {
                         continue;
@@ -513,9 +791,15 @@ impl AdsServer {
 
     fn serve(rt: tokio::runtime::Runtime, addr: SocketAddr, listener: Listener) -> std::io::Result<AdsServer> {
         let (changed, _) = watch::channel(0);
+        let (wanted, _) = watch::channel(0);
         let (raw, _) = broadcast::channel(16);
         let shared = Arc::new(Shared {
             snaps: Mutex::new(HashMap::new()),
+            scoper: Mutex::new(None),
+            groups: Mutex::new(BTreeMap::new()),
+            wanted,
+            keep_log: std::sync::atomic::AtomicBool::new(true),
+            metrics: Mutex::new(Metrics::default()),
             changed,
             log: Mutex::new(VecDeque::new()),
             nonce: AtomicU64::new(0),
@@ -564,32 +848,86 @@ impl AdsServer {
     /// Sets the resources of a type (the whole set) at `version`, and pushes them to every
     /// stream that asked for the type.
     pub fn set(&self, type_url: &str, version: &str, resources: Vec<Any>) {
-        let resources = resources.into_iter().map(|a| (name_of(&a), a)).collect();
-        lock(&self.shared.snaps).insert(
-            type_url.to_string(),
-            Snap {
-                version: version.to_string(),
-                resources,
-            },
-        );
-        self.shared.changed.send_modify(|v| *v += 1);
+        self.set_group("", vec![(type_url, version, resources)]);
     }
 
     /// Sets several types at once: streams see them together, in type order (CDS, EDS, LDS, RDS).
     pub fn set_all(&self, sets: Vec<(&str, &str, Vec<Any>)>) {
+        self.set_group("", sets);
+    }
+
+    /// [`AdsServer::set_all`] for the streams of one group (see [`AdsServer::set_scoper`]).
+    /// Hashing and diffing happen outside the lock streams read under.
+    pub fn set_group(&self, group: &str, sets: Vec<(&str, &str, Vec<Any>)>) {
+        let built: Vec<(String, Arc<Snap>)> = sets
+            .into_iter()
+            .map(|(type_url, version, resources)| {
+                let before = self.shared.snap(group, type_url);
+                (
+                    type_url.to_string(),
+                    Arc::new(Snap::new(version, resources, before.as_deref())),
+                )
+            })
+            .collect();
         let mut snaps = lock(&self.shared.snaps);
-        for (type_url, version, resources) in sets {
-            let resources = resources.into_iter().map(|a| (name_of(&a), a)).collect();
-            snaps.insert(
-                type_url.to_string(),
-                Snap {
-                    version: version.to_string(),
-                    resources,
-                },
-            );
+        let g = snaps.entry(group.to_string()).or_default();
+        for (t, snap) in built {
+            g.insert(t, snap);
         }
         drop(snaps);
         self.shared.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Groups streams by node: each stream's group is `scoper(node)` of its first request, and
+    /// it is served the snapshots set for that group. Without a scoper every stream is in `""`.
+    pub fn set_scoper(&self, scoper: Scoper) {
+        *lock(&self.shared.scoper) = Some(scoper);
+    }
+
+    /// The groups of the connected streams, with their stream counts.
+    pub fn groups(&self) -> BTreeMap<String, usize> {
+        lock(&self.shared.groups).clone()
+    }
+
+    /// Ticks whenever a group gains its first stream (a control plane then computes it).
+    pub fn watch_groups(&self) -> watch::Receiver<u64> {
+        self.shared.wanted.subscribe()
+    }
+
+    /// Forgets the snapshots of groups not in `keep`.
+    pub fn retain_groups(&self, keep: &dyn Fn(&str) -> bool) {
+        lock(&self.shared.snaps).retain(|g, _| keep(g));
+    }
+
+    /// Whether requests and responses are kept for [`AdsServer::requests`] / [`AdsServer::sent`]
+    /// (on by default; a control plane at scale turns it off and reads the metrics instead).
+    pub fn keep_log(&self, keep: bool) {
+        self.shared.keep_log.store(keep, Ordering::Relaxed);
+    }
+
+    /// Connected streams.
+    pub fn connected(&self) -> usize {
+        lock(&self.shared.syncz).len()
+    }
+
+    /// Prometheus text, with Istio's metric names: `pilot_xds` (connected proxies),
+    /// `pilot_xds_pushes{type}`, `pilot_total_xds_rejects{type}` and the histogram
+    /// `pilot_proxy_convergence_time` (seconds from a snapshot being set to each ACK of it).
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let m = lock(&self.shared.metrics);
+        let mut out = String::new();
+        let _ = writeln!(out, "# TYPE pilot_xds gauge\npilot_xds {}", self.connected());
+        let _ = writeln!(out, "# TYPE pilot_xds_pushes counter");
+        for (t, n) in &m.pushes {
+            let _ = writeln!(out, "pilot_xds_pushes{{type=\"{}\"}} {n}", short(t));
+        }
+        let _ = writeln!(out, "# TYPE pilot_total_xds_rejects counter");
+        for (t, n) in &m.rejects {
+            let _ = writeln!(out, "pilot_total_xds_rejects{{type=\"{}\"}} {n}", short(t));
+        }
+        m.convergence.render("pilot_proxy_convergence_time", &mut out);
+        out
     }
 
     /// Sends `resp` as it is on every state-of-the-world stream (garbage, unknown types...).
@@ -633,6 +971,7 @@ impl AdsServer {
                 serde_json::json!({
                     "stream": stream,
                     "node": st.node_id,
+                    "group": st.group,
                     "mode": if st.delta { "delta" } else { "sotw" },
                     "connected_since": st.since.map(tessera_model::rfc3339),
                     "types": types,
@@ -694,5 +1033,121 @@ impl AdsServer {
 impl Drop for AdsServer {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+
+    fn cla(name: &str, port: u32) -> Any {
+        any(
+            ENDPOINT,
+            serde_json::json!({"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}),
+        )
+        .unwrap()
+    }
+
+    /// One SotW stream asking EDS for `names` as node `id`; answers are ACKed as they come.
+    async fn stream(
+        addr: SocketAddr,
+        id: &str,
+        names: &[&str],
+    ) -> (mpsc::Sender<DiscoveryRequest>, mpsc::Receiver<DiscoveryResponse>) {
+        let mut client = crate::ads::connect_raw(&addr.to_string()).await.unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let first = DiscoveryRequest {
+            node: Some(Node {
+                id: id.into(),
+                ..Default::default()
+            }),
+            type_url: ENDPOINT.into(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
+        tx.send(first.clone()).await.unwrap();
+        let mut inbound = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let (out, got) = mpsc::channel(8);
+        let ack = tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = inbound.message().await {
+                let mut next = first.clone();
+                next.version_info.clone_from(&r.version_info);
+                next.response_nonce.clone_from(&r.nonce);
+                let _ = ack.send(next).await;
+                let _ = out.send(r).await;
+            }
+        });
+        (tx, got)
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<DiscoveryResponse>, within: Duration) -> Option<DiscoveryResponse> {
+        tokio::time::timeout(within, rx.recv()).await.ok().flatten()
+    }
+
+    #[test]
+    fn groups_are_scoped_and_an_endpoint_change_reaches_only_its_users() {
+        let server = AdsServer::start(0).unwrap();
+        // Nodes `a-*` form group "a", the rest group "b".
+        server.set_scoper(Arc::new(|n: Option<&Node>| {
+            n.map(|n| n.id.split('-').next().unwrap_or("").to_string())
+                .unwrap_or_default()
+        }));
+        let wanted = server.watch_groups();
+        server.set_group("a", vec![(ENDPOINT, "1", vec![cla("x", 1), cla("y", 2)])]);
+        server.set_group("b", vec![(ENDPOINT, "1", vec![cla("x", 11)])]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (_ta, mut a) = stream(server.addr, "a-1", &["x"]).await;
+            let (_ta2, mut a2) = stream(server.addr, "a-2", &["y"]).await;
+            let (_tb, mut b) = stream(server.addr, "b-1", &["x"]).await;
+            let port = |r: &DiscoveryResponse| {
+                use prost::Message;
+                let c = ClusterLoadAssignment::decode(r.resources[0].value.as_slice()).unwrap();
+                c.endpoints[0].lb_endpoints[0].clone()
+            };
+            let ra = next(&mut a, Duration::from_secs(5)).await.expect("a-1 gets x");
+            let rb = next(&mut b, Duration::from_secs(5)).await.expect("b-1 gets x");
+            assert_ne!(port(&ra), port(&rb), "each group has its own snapshot");
+            next(&mut a2, Duration::from_secs(5)).await.expect("a-2 gets y");
+            assert!(wanted.has_changed().unwrap());
+            assert_eq!(server.groups().get("a"), Some(&2));
+            // Only y changes: a-2 (which uses it) is pushed, a-1 and b-1 are not.
+            server.set_group("a", vec![(ENDPOINT, "2", vec![cla("x", 1), cla("y", 3)])]);
+            let r = next(&mut a2, Duration::from_secs(5)).await.expect("a-2 is pushed y");
+            assert_eq!(r.version_info, "2");
+            assert!(
+                next(&mut a, Duration::from_millis(300)).await.is_none(),
+                "a-1 does not use y"
+            );
+            assert!(
+                next(&mut b, Duration::from_millis(100)).await.is_none(),
+                "b is another group"
+            );
+            // x changes in group a: a-1 is pushed the whole of its subscription.
+            server.set_group("a", vec![(ENDPOINT, "3", vec![cla("x", 4), cla("y", 3)])]);
+            let r = next(&mut a, Duration::from_secs(5)).await.expect("a-1 is pushed x");
+            assert_eq!((r.version_info.as_str(), r.resources.len()), ("3", 1));
+            assert!(next(&mut a2, Duration::from_millis(300)).await.is_none());
+        });
+        // Every ACK of a version set is a convergence sample; pushes are counted.
+        server
+            .wait_all("acks", Duration::from_secs(5), &|reqs| {
+                reqs.iter().filter(|r| !r.nonce.is_empty()).count() >= 5
+            })
+            .unwrap();
+        let m = server.metrics_text();
+        assert!(m.contains("pilot_xds 3"), "{m}");
+        assert!(m.contains("pilot_xds_pushes{type=\"ClusterLoadAssignment\"} 5"), "{m}");
+        assert!(m.contains("pilot_proxy_convergence_time_count 5"), "{m}");
     }
 }

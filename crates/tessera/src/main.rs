@@ -10,6 +10,7 @@ use tessera_model::{Config, LoadError, MeshSpec};
 use tessera_proxy::{Options, Server};
 use tokio::signal::unix::{SignalKind, signal};
 
+mod mesh;
 mod sample;
 mod xds;
 
@@ -90,6 +91,21 @@ enum Cmd {
         /// The policy file.
         #[arg(long)]
         policy: PathBuf,
+    },
+    /// One RPC request, its answer printed: `tessera call dubbo 127.0.0.1:20880 com.example.Greeter sayHello`.
+    Call {
+        /// The protocol (only `dubbo` so far).
+        #[arg(value_parser = ["dubbo"])]
+        protocol: String,
+        /// Where to send it (a sidecar's outbound listener, or the service itself).
+        target: std::net::SocketAddr,
+        /// The interface.
+        interface: String,
+        /// The method (called without arguments).
+        method: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Run the sample HTTP service (HTTP/1.1 and h2c).
     SampleService {
@@ -198,6 +214,19 @@ fn main() -> ExitCode {
                     r = tessera_proxy::check_server::serve(l, &p) => r.map_err(|e| anyhow::anyhow!("check server: {e}")),
                     r = wait_for_stop(None) => r,
                 }
+            })
+        }),
+        Cmd::Call {
+            protocol: _,
+            target,
+            interface,
+            method,
+            timeout,
+        } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let answer = sample::call_dubbo(target, &interface, &method, timeout).await?;
+                println!("{answer}");
+                Ok(())
             })
         }),
         Cmd::SampleService { listen, name } => runtime().and_then(|rt| {
@@ -478,6 +507,9 @@ async fn up(file: PathBuf) -> anyhow::Result<()> {
             .await?
             .map_err(|e| anyhow::anyhow!("{e}"))?
     };
+    if spec.pilot.is_some() {
+        return mesh::up(spec, &file).await;
+    }
     println!("tessera up: {}", file.display());
     for s in &spec.services {
         let addr = sample::start(s.address, s.name.clone()).await?;

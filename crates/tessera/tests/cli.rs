@@ -216,6 +216,95 @@ fn quickstart_mesh_answers_curl() {
     assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(0));
 }
 
+/// The README's first command: `tessera up examples/mesh.yaml`, with free ports. Pilot on its
+/// embedded store, an HTTP and a Dubbo sample service registered through Pilot's API, each
+/// behind a sidecar Pilot feeds over ADS, and a client sidecar: the printed curl line goes
+/// client -> sidecar -> sidecar -> service, and so does the printed Dubbo call.
+#[test]
+fn mesh_under_pilot_answers_curl_and_dubbo() {
+    let dir = TempDir::new("mesh");
+    let ex = repo().join("examples");
+    let fixed = [
+        "15010", "15080", "15014", "18080", "16080", "18081", "16081", "15001", "20880", "9901",
+    ];
+    let ports: Vec<u16> = fixed.iter().map(|_| free_port()).collect();
+    let mut text = std::fs::read_to_string(ex.join("mesh.yaml")).unwrap();
+    for (f, p) in fixed.iter().zip(&ports) {
+        text = text.replace(&format!("127.0.0.1:{f}"), &format!("127.0.0.1:{p}"));
+    }
+    let port = |f: &str| ports[fixed.iter().position(|x| *x == f).unwrap()];
+    dir.write("mesh.yaml", &text);
+    let mut p = Proc::tessera(&["up", dir.path("mesh.yaml").to_str().unwrap()]);
+    p.wait_log("Ctrl-C stops the mesh.", Duration::from_secs(30));
+    let out = port("15001");
+    assert!(
+        p.log()
+            .contains(&format!("try: curl -H 'Host: hello.default' http://127.0.0.1:{out}/")),
+        "{}",
+        p.log()
+    );
+    let url = format!("http://127.0.0.1:{out}/");
+    assert_eq!(curl_ok(&["-H", "Host: hello.default", &url]), "hello from hello (/)\n");
+    // The client's route goes to the instance Pilot registered: the hello sidecar's inbound port,
+    // which forwards to the app.
+    let dump = curl_ok(&[&format!("http://127.0.0.1:{}/clusters", port("9901"))]);
+    assert!(
+        dump.contains(&format!(
+            "outbound|80||hello.default.svc.cluster.local::127.0.0.1:{}",
+            port("16080")
+        )),
+        "{dump}"
+    );
+    assert_eq!(
+        curl_ok(&[&format!("http://127.0.0.1:{}/", port("16080"))]),
+        "hello from hello (/)\n",
+        "the hello sidecar's inbound listener forwards to the app"
+    );
+    // The same over Dubbo, through the client's outbound Dubbo listener.
+    let dubbo = std::process::Command::new(bin())
+        .args([
+            "call",
+            "dubbo",
+            &format!("127.0.0.1:{}", port("20880")),
+            "com.example.Greeter",
+            "sayHello",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&dubbo.stdout),
+        "hello from greeter: com.example.Greeter.sayHello\n",
+        "{}",
+        String::from_utf8_lossy(&dubbo.stderr)
+    );
+    // An interface nobody registered: the sidecar answers in Dubbo's own terms.
+    let none = std::process::Command::new(bin())
+        .args([
+            "call",
+            "dubbo",
+            &format!("127.0.0.1:{}", port("20880")),
+            "com.example.Nobody",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("Dubbo status 60"),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
+    // Pilot's admin API: three sidecars, each in its own group, every push ACKed.
+    let syncz: serde_json::Value =
+        serde_json::from_str(&curl_ok(&[&format!("http://127.0.0.1:{}/debug/syncz", port("15014"))])).unwrap();
+    assert_eq!(syncz.as_array().map(Vec::len), Some(3), "{syncz}");
+    let metrics = curl_ok(&[&format!("http://127.0.0.1:{}/metrics", port("15014"))]);
+    assert!(metrics.contains("pilot_xds 3\n"), "{metrics}");
+    assert!(metrics.contains("pilot_xds_groups 3\n"), "{metrics}");
+    assert!(!metrics.contains("pilot_total_xds_rejects{"), "no NACK: {metrics}");
+    p.signal("INT");
+    assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(0));
+}
+
 /// `examples/tcp-proxy.yaml` as shipped, with free ports.
 #[test]
 fn tcp_example_proxies_bytes() {

@@ -320,11 +320,11 @@ fn the_shipped_examples_load() {
     for entry in std::fs::read_dir(&root).expect("examples/ exists") {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        // quickstart.yaml is a mesh file, envoy-bootstrap.yaml Envoy's format (tessera-xds tests
-        // it), pilot.yaml Pilot's (crates/tessera/tests/pilot.rs tests it).
-        if name.ends_with(".yaml")
-            && !["quickstart.yaml", "envoy-bootstrap.yaml", "pilot.yaml"].contains(&name.as_str())
-        {
+        // envoy-bootstrap.yaml is Envoy's format (tessera-xds tests it), pilot.yaml Pilot's
+        // (crates/tessera/tests/pilot.rs tests it); the mesh files are loaded as such.
+        if ["quickstart.yaml", "mesh.yaml"].contains(&name.as_str()) {
+            crate::MeshSpec::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        } else if name.ends_with(".yaml") && !["envoy-bootstrap.yaml", "pilot.yaml"].contains(&name.as_str()) {
             Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             n += 1;
         }
