@@ -186,6 +186,7 @@ struct Shared {
     seen: Mutex<HashMap<(usize, usize), Duration>>,
     initial: Mutex<Vec<Duration>>,
     ready: AtomicUsize,
+    reconnects: AtomicU64,
     unaffected_eds: AtomicU64,
     responses: AtomicU64,
     errors: Mutex<Vec<String>>,
@@ -203,7 +204,33 @@ fn request(node: &Node, type_url: &str, names: Vec<String>, ack: Option<&Discove
     }
 }
 
+/// A sidecar: sessions until told to stop; a broken stream is counted and reopened after a
+/// short pause, as Envoy does.
 async fn sidecar(idx: usize, ns: usize, a: Args, sh: Arc<Shared>, started: Instant) -> Result<(), String> {
+    let mut ready = false;
+    while !sh.stop.load(Ordering::Relaxed) {
+        match session(idx, ns, &a, &sh, started, &mut ready).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                sh.reconnects.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut errs) = sh.errors.lock() {
+                    errs.push(format!("sidecar {idx}: {e}"));
+                }
+                tokio::time::sleep(Duration::from_millis(200 + (idx as u64 * 37) % 800)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn session(
+    idx: usize,
+    ns: usize,
+    a: &Args,
+    sh: &Shared,
+    started: Instant,
+    ready: &mut bool,
+) -> Result<(), String> {
     let node = Node {
         id: format!(
             "sidecar~10.200.{}.{}~load-{idx}.ns-{ns}~ns-{ns}.svc.cluster.local",
@@ -244,7 +271,6 @@ async fn sidecar(idx: usize, ns: usize, a: Args, sh: Arc<Shared>, started: Insta
         .into_inner();
     let mut eds_names: Vec<String> = Vec::new();
     let mut got: BTreeSet<&'static str> = BTreeSet::new();
-    let mut ready = false;
     while !sh.stop.load(Ordering::Relaxed) {
         let r = match tokio::time::timeout(Duration::from_millis(500), inbound.message()).await {
             Err(_) => continue,
@@ -322,8 +348,8 @@ async fn sidecar(idx: usize, ns: usize, a: Args, sh: Arc<Shared>, started: Insta
             }
             _ => {}
         }
-        if !ready && got.len() == 4 {
-            ready = true;
+        if !*ready && got.len() == 4 {
+            *ready = true;
             if let Ok(mut v) = sh.initial.lock() {
                 v.push(started.elapsed());
             }
@@ -350,11 +376,7 @@ async fn run(a: Args) -> serde_json::Value {
         let ns = idx % a.namespaces;
         let (a2, sh2) = (a.clone(), sh.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = sidecar(idx, ns, a2, sh2.clone(), started).await
-                && let Ok(mut errs) = sh2.errors.lock()
-            {
-                errs.push(format!("sidecar {idx}: {e}"));
-            }
+            let _ = sidecar(idx, ns, a2, sh2, started).await;
         }));
     }
     // Phase 1: every sidecar holds its whole config.
@@ -449,6 +471,7 @@ async fn run(a: Args) -> serde_json::Value {
         .unwrap_or_default();
     let mut lasts = last_per_change.clone();
     let errors = sh.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    // Errors after the stop (streams cut by the shutdown) are not the run's.
     serde_json::json!({
         "sidecars": a.sidecars,
         "namespaces": a.namespaces,
@@ -469,6 +492,6 @@ async fn run(a: Args) -> serde_json::Value {
         "unaffected_eds_responses": sh.unaffected_eds.load(Ordering::Relaxed),
         "responses_during_changes": sh.responses.load(Ordering::Relaxed) - responses_before,
         "errors": errors.iter().take(5).collect::<Vec<_>>(),
-        "error_count": errors.len(),
+        "reconnects": sh.reconnects.load(Ordering::Relaxed),
     })
 }

@@ -16,6 +16,8 @@ use crate::translate::Resources;
 
 /// What a push needs besides the snapshot.
 pub struct Settings<'a> {
+    /// The RBAC filters (AuthorizationPolicy) of a workload's inbound listener.
+    pub rbac: &'a crate::sidecar::RbacFor<'a>,
     /// Per-namespace imports.
     pub imports: &'a Imports,
     /// The outbound listeners (HTTP, Dubbo) of sidecars that do not name their own.
@@ -98,7 +100,7 @@ impl Pusher {
                 });
             let mut r = base.clone();
             // Inbound ports are looked up in everything registered, not only what is imported.
-            crate::sidecar::inbound(&mut r, s, &g.inbound);
+            crate::sidecar::inbound(&mut r, s, &g.inbound, set.rbac);
             let last = self.last.entry(key.clone()).or_default();
             let mut changed: Vec<(&str, &str, Vec<Any>)> = Vec::new();
             for (t, res) in r.by_type() {

@@ -208,8 +208,10 @@ async fn admin(listener: tokio::net::TcpListener, view: std::sync::Arc<AdminView
 fn push_settings<'a>(
     cfg: &'a Config,
     translate: &'a dyn Fn(&Snapshot, std::net::SocketAddr) -> crate::translate::Resources,
+    rbac: &'a crate::sidecar::RbacFor<'a>,
 ) -> crate::push::Settings<'a> {
     crate::push::Settings {
+        rbac,
         imports: &cfg.imports,
         outbound_http: cfg.sidecar.outbound_http,
         outbound_dubbo: cfg.outbound_dubbo,
@@ -287,6 +289,13 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
         }
         r
     };
+    // AuthorizationPolicy on the inbound listeners of the workloads it selects.
+    let rbac = |labels: &BTreeMap<String, String>, ns: &str| {
+        istio
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .rbac_for(labels, ns)
+    };
     let mut current = Snapshot::default();
     let mut pending_since: Option<Instant> = None;
     let mut last_change = Instant::now();
@@ -357,7 +366,7 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
             && (last_change.elapsed() >= cfg.debounce || since.elapsed() >= cfg.debounce_max)
         {
             let started = Instant::now();
-            let p = pusher.push(&ads, &current, &push_settings(&cfg, &translate), false);
+            let p = pusher.push(&ads, &current, &push_settings(&cfg, &translate, &rbac), false);
             metrics.observe_push(started.elapsed(), since.elapsed());
             crate::push::log(&p, current.services.len(), Some(since.elapsed()), started);
             pending_since = None;
@@ -383,7 +392,7 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
                 // A sidecar of a new group connected: compute its group now, not at the next change.
                 groups_changed.mark_unchanged();
                 let started = Instant::now();
-                let p = pusher.push(&ads, &current, &push_settings(&cfg, &translate), true);
+                let p = pusher.push(&ads, &current, &push_settings(&cfg, &translate, &rbac), true);
                 crate::push::log(&p, current.services.len(), None, started);
             }
         }

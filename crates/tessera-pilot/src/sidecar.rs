@@ -31,7 +31,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 
-use crate::model::{Protocol, Snapshot};
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
+
+use crate::model::{Instance, Protocol, Service, Snapshot};
 use crate::translate::{Resources, cluster_name};
 
 /// Listener name of the outbound Dubbo listener.
@@ -55,14 +57,19 @@ fn socket(a: SocketAddr) -> envoy_types::pb::envoy::config::core::v3::Address {
     }
 }
 
-/// The protocol of the service port whose instance is registered at `at`, with the service key.
-pub fn protocol_at(s: &Snapshot, at: SocketAddr) -> Option<(Protocol, String)> {
+/// The RBAC filters (Istio AuthorizationPolicy, DENY first) for a workload with these labels in
+/// this namespace.
+pub type RbacFor<'a> = dyn Fn(&std::collections::BTreeMap<String, String>, &str) -> Vec<Rbac> + 'a;
+
+/// What is registered at an address: the protocol of the service port whose instance listens
+/// there, the service, and the instance.
+pub fn registered_at(s: &Snapshot, at: SocketAddr) -> Option<(Protocol, &Service, &Instance)> {
     for (key, insts) in &s.instances {
         let Some(svc) = s.services.get(key) else { continue };
         for i in insts.iter().filter(|i| i.address == at.ip()) {
             for port in &svc.ports {
                 if i.ports.get(&port.name) == Some(&at.port()) {
-                    return Some((port.protocol, key.clone()));
+                    return Some((port.protocol, svc, i));
                 }
             }
         }
@@ -104,8 +111,9 @@ fn dubbo_route(name: &str, interface: &str, cluster: &str) -> dubbo::RouteConfig
     }
 }
 
-/// Adds the inbound listeners and clusters of `inbound` (the group's `LISTEN=APP` pairs).
-pub fn inbound(out: &mut Resources, s: &Snapshot, inbound: &[(SocketAddr, SocketAddr)]) {
+/// Adds the inbound listeners and clusters of `inbound` (the group's `LISTEN=APP` pairs); an HTTP
+/// one carries the RBAC filters `rbac` gives for the workload registered at LISTEN.
+pub fn inbound(out: &mut Resources, s: &Snapshot, inbound: &[(SocketAddr, SocketAddr)], rbac: &RbacFor<'_>) {
     for &(listen, app) in inbound {
         let name = format!("inbound|{}", listen.port());
         let cluster = format!("inbound|{}||", listen.port());
@@ -131,9 +139,22 @@ pub fn inbound(out: &mut Resources, s: &Snapshot, inbound: &[(SocketAddr, Socket
             }),
             ..Default::default()
         }));
-        let protocol = protocol_at(s, listen).map(|(p, _)| p);
-        let f = match protocol {
-            Some(p) if p.is_http() => {
+        let at = registered_at(s, listen);
+        let f = match at {
+            Some((p, svc, inst)) if p.is_http() => {
+                let mut http_filters: Vec<HttpFilter> = rbac(&inst.labels, &svc.namespace)
+                    .iter()
+                    .map(|r| HttpFilter {
+                        name: "envoy.filters.http.rbac".into(),
+                        config_type: Some(http_filter::ConfigType::TypedConfig(any(r))),
+                        ..Default::default()
+                    })
+                    .collect();
+                http_filters.push(HttpFilter {
+                    name: "envoy.filters.http.router".into(),
+                    config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
+                    ..Default::default()
+                });
                 let hcm = HttpConnectionManager {
                     stat_prefix: name.clone(),
                     route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
@@ -160,16 +181,12 @@ pub fn inbound(out: &mut Resources, s: &Snapshot, inbound: &[(SocketAddr, Socket
                             ..Default::default()
                         },
                     )),
-                    http_filters: vec![HttpFilter {
-                        name: "envoy.filters.http.router".into(),
-                        config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
-                        ..Default::default()
-                    }],
+                    http_filters,
                     ..Default::default()
                 };
                 filter_of("envoy.filters.network.http_connection_manager", &hcm)
             }
-            Some(Protocol::Dubbo) => dubbo_filter(&name, vec![dubbo_route(&name, "*", &cluster)]),
+            Some((Protocol::Dubbo, _, _)) => dubbo_filter(&name, vec![dubbo_route(&name, "*", &cluster)]),
             _ => filter_of(
                 "envoy.filters.network.tcp_proxy",
                 &TcpProxy {
@@ -294,7 +311,7 @@ mod tests {
             ("127.0.0.1:16002".parse().unwrap(), "127.0.0.1:18081".parse().unwrap()),
             ("127.0.0.1:16003".parse().unwrap(), "127.0.0.1:18082".parse().unwrap()),
         ];
-        inbound(&mut r, &snap, &pairs);
+        inbound(&mut r, &snap, &pairs, &|_, _| Vec::new());
         outbound_dubbo(&mut r, &snap, "127.0.0.1:20880".parse().unwrap());
         assert_eq!(r.clusters.len(), 3);
         for c in &r.clusters {

@@ -13,6 +13,7 @@ pub mod ads;
 pub mod bootstrap;
 pub mod cluster;
 mod dubbo;
+mod grpc_wire;
 mod http_filters;
 pub mod listener;
 pub mod load;

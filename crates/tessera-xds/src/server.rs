@@ -23,16 +23,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
+use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
 
 pub use crate::ads::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
@@ -94,38 +91,62 @@ impl Req {
 #[derive(Default)]
 struct Snap {
     version: String,
-    /// Name -> (resource, content hash; the delta version). Names are shared (`Arc<str>`) with
-    /// the snapshot before and with the subscriptions of every stream, so a thousand sidecars
-    /// subscribed to the same ten thousand names hold pointers, not copies.
-    resources: BTreeMap<Arc<str>, (Any, u64)>,
+    /// Name -> the resource. Names are shared (`Arc<str>`) with the snapshot before and with
+    /// the subscriptions of every stream, so a thousand sidecars subscribed to the same ten
+    /// thousand names hold pointers, not copies.
+    resources: BTreeMap<Arc<str>, Res>,
+    /// Every resource's state-of-the-world encoding, in name order: what a wildcard stream is
+    /// sent, shared.
+    all_sotw: Bytes,
     /// The version this one replaced, and the names added, changed or removed since: a stream
     /// that holds `prev` looks at these alone.
     prev: String,
     changed: BTreeSet<Arc<str>>,
-    /// When it was set (convergence is measured from here to each ACK).
-    at: Option<Instant>,
+}
+
+/// One resource of a snapshot: its content hash (the delta version) and its encodings as a field
+/// of a state-of-the-world and of a delta response, built once and shared by every stream.
+struct Res {
+    hash: u64,
+    sotw: Bytes,
+    delta: Bytes,
 }
 
 impl Snap {
     fn new(version: &str, resources: Vec<Any>, before: Option<&Snap>) -> Snap {
-        let resources: BTreeMap<Arc<str>, (Any, u64)> = resources
+        let named: BTreeMap<Arc<str>, Any> = resources
             .into_iter()
             .map(|a| {
-                let h = hash_of(&a);
                 let name = name_of(&a);
                 let key = match before.and_then(|b| b.resources.get_key_value(name.as_str())) {
                     Some((k, _)) => k.clone(),
                     None => Arc::from(name),
                 };
-                (key, (a, h))
+                (key, a)
             })
+            .collect();
+        let list: Vec<&Any> = named.values().collect();
+        let (all_sotw, sotw) = crate::grpc_wire::sotw_fields(&list);
+        let hashes: Vec<u64> = list.iter().map(|a| hash_of(a)).collect();
+        let delta = crate::grpc_wire::delta_fields(
+            &named
+                .iter()
+                .zip(&hashes)
+                .map(|((n, a), h)| (&**n, format!("{h:x}"), a))
+                .collect::<Vec<_>>(),
+        );
+        let resources: BTreeMap<Arc<str>, Res> = named
+            .keys()
+            .cloned()
+            .zip(hashes.into_iter().zip(sotw).zip(delta))
+            .map(|(k, ((hash, sotw), delta))| (k, Res { hash, sotw, delta }))
             .collect();
         let (prev, changed) = match before {
             None => (String::new(), resources.keys().cloned().collect()),
             Some(b) => {
                 let mut c: BTreeSet<Arc<str>> = resources
                     .iter()
-                    .filter(|(n, (_, h))| b.resources.get(*n).map(|(_, bh)| bh) != Some(h))
+                    .filter(|(n, r)| b.resources.get(*n).map(|br| br.hash) != Some(r.hash))
                     .map(|(n, _)| n.clone())
                     .collect();
                 c.extend(b.resources.keys().filter(|n| !resources.contains_key(*n)).cloned());
@@ -135,9 +156,9 @@ impl Snap {
         Snap {
             version: version.to_string(),
             resources,
+            all_sotw,
             prev,
             changed,
-            at: Some(Instant::now()),
         }
     }
 
@@ -206,6 +227,9 @@ impl Histogram {
 
 type Group = HashMap<String, Arc<Snap>>;
 
+/// The last versions set of one group and type, with when.
+type SetTimes = VecDeque<(String, Instant)>;
+
 struct Shared {
     /// Group -> type URL -> snapshot.
     snaps: Mutex<HashMap<String, Group>>,
@@ -216,6 +240,8 @@ struct Shared {
     /// Keep every request and response (tests read them back); off for Pilot at scale.
     keep_log: std::sync::atomic::AtomicBool,
     metrics: Mutex<Metrics>,
+    /// Per (group, type): when each of the last versions was set.
+    set_times: Mutex<HashMap<(String, String), SetTimes>>,
     changed: watch::Sender<u64>,
     log: Mutex<VecDeque<Req>>,
     nonce: AtomicU64,
@@ -273,12 +299,11 @@ impl Shared {
                         t.acks += 1;
                         if t.acked != r.version {
                             t.acked.clone_from(&r.version);
-                            // Convergence: from the snapshot being set to this ACK of it.
-                            let at = lock(&self.snaps)
-                                .get(&st.group)
-                                .and_then(|g| g.get(&r.type_url))
-                                .filter(|s| s.version == r.version)
-                                .and_then(|s| s.at);
+                            // Convergence: from the version being set to this ACK of it (the
+                            // last few versions of each group and type are remembered).
+                            let at = lock(&self.set_times)
+                                .get(&(st.group.clone(), r.type_url.clone()))
+                                .and_then(|h| h.iter().rev().find(|(v, _)| *v == r.version).map(|(_, t)| *t));
                             if let Some(at) = at {
                                 lock(&self.metrics).convergence.observe(at.elapsed());
                             }
@@ -421,9 +446,6 @@ fn hash_of(a: &Any) -> u64 {
     h.finish()
 }
 
-#[derive(Clone)]
-struct Svc(Arc<Shared>);
-
 /// What a state-of-the-world stream last sent of a type: the version and the names asked for.
 /// (Per-resource hashes are not kept per stream: a stream more than one version behind is
 /// sent its set again, which is rare and cheap next to the memory of a thousand streams.)
@@ -432,297 +454,292 @@ struct SotwSent {
     names: Vec<Arc<str>>,
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Svc {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+type Chunk = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
+type Out = mpsc::Sender<Chunk>;
 
-    async fn stream_aggregated_resources(
-        &self,
-        req: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        let sh = self.0.clone();
-        let stream = sh.streams.fetch_add(1, Ordering::Relaxed) + 1;
-        tokio::spawn(async move {
-            let mut changed = sh.changed.subscribe();
-            let mut raw = sh.raw.subscribe();
-            let mut group: Option<String> = None;
-            let mut subs: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
-            // Per type: the version last sent (or passed over) and the names it was for, so a
-            // push that changes none of them is skipped.
-            let mut sent: HashMap<String, SotwSent> = HashMap::new();
-            loop {
-                let types: Vec<String> = tokio::select! {
-                    m = inbound.message() => match m {
-                        Ok(Some(r)) => {
-                            if group.is_none() {
-                                group = Some(sh.join_group(stream, r.node.as_ref()));
-                            }
-                            sh.record_request(Req {
-                                at: Instant::now(),
-                                type_url: r.type_url.clone(),
-                                version: r.version_info.clone(),
-                                nonce: r.response_nonce.clone(),
-                                names: r.resource_names.clone(),
-                                unsubscribe: Vec::new(),
-                                initial: BTreeMap::new(),
-                                error: r.error_detail.as_ref().map(|e| e.message.clone()),
-                                node_id: r.node.as_ref().map(|n| n.id.clone()),
-                                node_meta: meta_keys(r.node.as_ref()),
-                                delta: false,
-                                stream,
-                            });
-                            let snap = sh.snap(group.as_deref().unwrap_or(""), &r.type_url);
-                            let mut names: Vec<Arc<str>> = r
-                                .resource_names
-                                .into_iter()
-                                .map(|n| Snap::intern(snap.as_deref(), n))
-                                .collect();
-                            names.sort();
-                            names.dedup();
-                            subs.insert(r.type_url.clone(), names);
-                            vec![r.type_url]
-                        }
-                        _ => break,
-                    },
-                    c = changed.changed() => {
-                        if c.is_err() { break; }
-                        subs.keys().cloned().collect()
+/// Sends one gRPC message's chunks; false when the client is gone.
+async fn send(tx: &Out, chunks: Vec<Bytes>) -> bool {
+    for c in chunks {
+        if tx.send(Ok(hyper::body::Frame::data(c))).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Ends the response with the status trailers.
+async fn finish(tx: &Out, end: Option<crate::grpc_wire::ReadEnd>) {
+    let t = match end {
+        Some(crate::grpc_wire::ReadEnd::Bad(why)) => {
+            tracing::warn!(reason = %why, "ADS stream ended: bad request");
+            crate::grpc_wire::trailers(3, &why)
+        }
+        _ => crate::grpc_wire::trailers(0, ""),
+    };
+    let _ = tx.send(Ok(hyper::body::Frame::trailers(t))).await;
+}
+
+/// One state-of-the-world stream.
+async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<DiscoveryRequest>, tx: Out) {
+    let stream = sh.streams.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut changed = sh.changed.subscribe();
+    let mut raw = sh.raw.subscribe();
+    let mut group: Option<String> = None;
+    let mut subs: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
+    // Per type: the version last sent (or passed over) and the names it was for, so a push that
+    // changes none of them is skipped.
+    let mut sent: HashMap<String, SotwSent> = HashMap::new();
+    let end = loop {
+        let types: Vec<String> = tokio::select! {
+            m = inbound.next() => match m {
+                Ok(r) => {
+                    if group.is_none() {
+                        group = Some(sh.join_group(stream, r.node.as_ref()));
                     }
-                    m = raw.recv() => {
-                        if let Ok(mut m) = m {
-                            m.nonce = sh.next_nonce();
-                            if tx.send(Ok(m)).await.is_err() { break; }
-                        }
-                        continue;
-                    }
-                };
-                let g = group.as_deref().unwrap_or("");
-                for t in types {
-                    let Some(snap) = sh.snap(g, &t) else {
-                        continue;
-                    };
-                    let names = subs.get(&t).map(Vec::as_slice).unwrap_or(&[]);
-                    // Empty names (or `*`) ask for everything; a client that names listeners or
-                    // clusters (gRPC's xDS client does) gets those alone.
-                    let wildcard = names.is_empty() || names.iter().any(|n| &**n == "*");
-                    if let Some(l) = sent.get_mut(&t)
-                        && l.names == names
-                    {
-                        if l.version == snap.version {
-                            continue;
-                        }
-                        // Nothing this stream holds changed: no push, as Istio skips EDS for
-                        // sidecars that do not use the cluster.
-                        if !wildcard
-                            && l.version == snap.prev
-                            && !snap.changed.iter().any(|n| names.binary_search(n).is_ok())
-                        {
-                            l.version.clone_from(&snap.version);
-                            continue;
-                        }
-                    }
-                    let resources: Vec<Any> = if wildcard {
-                        snap.resources.values().map(|(a, _)| a.clone()).collect()
-                    } else {
-                        names
-                            .iter()
-                            .filter_map(|n| snap.resources.get(n))
-                            .map(|(a, _)| a.clone())
-                            .collect()
-                    };
-                    let resp = DiscoveryResponse {
-                        version_info: snap.version.clone(),
-                        resources,
-                        type_url: t.clone(),
-                        nonce: sh.next_nonce(),
-                        ..Default::default()
-                    };
-                    sh.record(&resp.type_url, &resp.version_info, &resp.nonce, resp.resources.len());
-                    sent.insert(
-                        t,
-                        SotwSent {
-                            version: snap.version.clone(),
-                            names: names.to_vec(),
-                        },
-                    );
-                    if tx.send(Ok(resp)).await.is_err() {
-                        sh.stream_ended(stream);
-                        return;
-                    }
+                    sh.record_request(Req {
+                        at: Instant::now(),
+                        type_url: r.type_url.clone(),
+                        version: r.version_info.clone(),
+                        nonce: r.response_nonce.clone(),
+                        names: if sh.keep_log.load(Ordering::Relaxed) { r.resource_names.clone() } else { Vec::new() },
+                        unsubscribe: Vec::new(),
+                        initial: BTreeMap::new(),
+                        error: r.error_detail.as_ref().map(|e| e.message.clone()),
+                        node_id: r.node.as_ref().map(|n| n.id.clone()),
+                        node_meta: meta_keys(r.node.as_ref()),
+                        delta: false,
+                        stream,
+                    });
+                    let snap = sh.snap(group.as_deref().unwrap_or(""), &r.type_url);
+                    let mut names: Vec<Arc<str>> = r
+                        .resource_names
+                        .into_iter()
+                        .map(|n| Snap::intern(snap.as_deref(), n))
+                        .collect();
+                    names.sort();
+                    names.dedup();
+                    subs.insert(r.type_url.clone(), names);
+                    vec![r.type_url]
+                }
+                Err(e) => break Some(e),
+            },
+            c = changed.changed() => {
+                if c.is_err() { break None; }
+                subs.keys().cloned().collect()
+            }
+            m = raw.recv() => {
+                if let Ok(mut m) = m {
+                    m.nonce = sh.next_nonce();
+                    if !send(&tx, crate::grpc_wire::whole(&m)).await { break None; }
+                }
+                continue;
+            }
+        };
+        let g = group.as_deref().unwrap_or("");
+        for t in types {
+            let Some(snap) = sh.snap(g, &t) else {
+                continue;
+            };
+            let names = subs.get(&t).map(Vec::as_slice).unwrap_or(&[]);
+            // Empty names (or `*`) ask for everything; a client that names listeners or clusters
+            // (gRPC's xDS client does) gets those alone.
+            let wildcard = names.is_empty() || names.iter().any(|n| &**n == "*");
+            if let Some(l) = sent.get_mut(&t)
+                && l.names == names
+            {
+                if l.version == snap.version {
+                    continue;
+                }
+                // Nothing this stream holds changed: no push, as Istio skips EDS for sidecars
+                // that do not use the cluster.
+                if !wildcard && l.version == snap.prev && !snap.changed.iter().any(|n| names.binary_search(n).is_ok()) {
+                    l.version.clone_from(&snap.version);
+                    continue;
                 }
             }
-            sh.stream_ended(stream);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
+            let (parts, count) = if wildcard {
+                (vec![snap.all_sotw.clone()], snap.resources.len())
+            } else {
+                let p: Vec<Bytes> = names
+                    .iter()
+                    .filter_map(|n| snap.resources.get(n))
+                    .map(|r| r.sotw.clone())
+                    .collect();
+                let n = p.len();
+                (p, n)
+            };
+            let nonce = sh.next_nonce();
+            let header = DiscoveryResponse {
+                version_info: snap.version.clone(),
+                type_url: t.clone(),
+                nonce: nonce.clone(),
+                ..Default::default()
+            };
+            sh.record(&t, &snap.version, &nonce, count);
+            sent.insert(
+                t,
+                SotwSent {
+                    version: snap.version.clone(),
+                    names: names.to_vec(),
+                },
+            );
+            use prost::Message;
+            if !send(&tx, crate::grpc_wire::message(&header.encode_to_vec(), parts)).await {
+                sh.stream_ended(stream);
+                return;
+            }
+        }
+    };
+    sh.stream_ended(stream);
+    finish(&tx, end).await;
+}
 
-    async fn delta_aggregated_resources(
-        &self,
-        req: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        let sh = self.0.clone();
-        let stream = sh.streams.fetch_add(1, Ordering::Relaxed) + 1;
-        tokio::spawn(async move {
-            let mut changed = sh.changed.subscribe();
-            let mut group: Option<String> = None;
-            // type -> (wildcard, names); what the client holds: type -> name -> version.
-            let mut subs: BTreeMap<String, (bool, BTreeSet<Arc<str>>)> = BTreeMap::new();
-            let mut known: HashMap<String, HashMap<Arc<str>, u64>> = HashMap::new();
-            // Per type: the snapshot version last looked at, and whether the subscription
-            // changed since (then every resource is compared, not only the changed ones).
-            let mut seen: HashMap<String, String> = HashMap::new();
-            loop {
-                let types: Vec<String> = tokio::select! {
-                    m = inbound.message() => match m {
-                        Ok(Some(r)) => {
-                            if group.is_none() {
-                                group = Some(sh.join_group(stream, r.node.as_ref()));
-                            }
-                            let acked = lock(&sh.delta_versions).get(&r.response_nonce).cloned();
-                            sh.record_request(Req {
-                                at: Instant::now(),
-                                type_url: r.type_url.clone(),
-                                version: acked.unwrap_or_default(),
-                                nonce: r.response_nonce.clone(),
-                                names: r.resource_names_subscribe.clone(),
-                                unsubscribe: r.resource_names_unsubscribe.clone(),
-                                initial: r.initial_resource_versions.clone().into_iter().collect(),
-                                error: r.error_detail.as_ref().map(|e| e.message.clone()),
-                                node_id: r.node.as_ref().map(|n| n.id.clone()),
-                                node_meta: meta_keys(r.node.as_ref()),
-                                delta: true,
-                                stream,
-                            });
-                            let first = !subs.contains_key(&r.type_url);
-                            let entry = subs.entry(r.type_url.clone()).or_insert_with(|| {
-                                let wildcard = (r.type_url == LISTENER || r.type_url == CLUSTER)
-                                    && (r.resource_names_subscribe.is_empty() || r.resource_names_subscribe.iter().any(|n| n == "*"));
-                                (wildcard, BTreeSet::new())
-                            });
-                            let snap = sh.snap(group.as_deref().unwrap_or(""), &r.type_url);
-                            entry.1.extend(
-                                r.resource_names_subscribe
-                                    .iter()
-                                    .filter(|n| *n != "*")
-                                    .map(|n| Snap::intern(snap.as_deref(), n.clone())),
-                            );
-                            let k = known.entry(r.type_url.clone()).or_default();
-                            for n in &r.resource_names_unsubscribe {
-                                entry.1.remove(n.as_str());
-                                k.remove(n.as_str());
-                            }
-                            if first {
-                                // Versions we sent are hex hashes; anything else is sent again.
-                                k.extend(r.initial_resource_versions.iter().map(|(n, v)| {
-                                    (Snap::intern(snap.as_deref(), n.clone()), u64::from_str_radix(v, 16).unwrap_or(0))
-                                }));
-                            }
-                            seen.remove(&r.type_url);
-                            if !r.response_nonce.is_empty() {
-                                continue;
-                            }
-                            vec![r.type_url]
-                        }
-                        _ => break,
-                    },
-                    c = changed.changed() => {
-                        if c.is_err() { break; }
-                        subs.keys().cloned().collect()
+/// One delta (incremental) stream.
+async fn delta_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<DeltaDiscoveryRequest>, tx: Out) {
+    let stream = sh.streams.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut changed = sh.changed.subscribe();
+    let mut group: Option<String> = None;
+    // type -> (wildcard, names); what the client holds: type -> name -> version.
+    let mut subs: BTreeMap<String, (bool, BTreeSet<Arc<str>>)> = BTreeMap::new();
+    let mut known: HashMap<String, HashMap<Arc<str>, u64>> = HashMap::new();
+    // Per type: the snapshot version last looked at (cleared when the subscription changes, so
+    // every resource is compared, not only the changed ones).
+    let mut seen: HashMap<String, String> = HashMap::new();
+    let end = loop {
+        let types: Vec<String> = tokio::select! {
+            m = inbound.next() => match m {
+                Ok(r) => {
+                    if group.is_none() {
+                        group = Some(sh.join_group(stream, r.node.as_ref()));
                     }
-                };
-                let g = group.as_deref().unwrap_or("");
-                for t in types {
-                    let Some(snap) = sh.snap(g, &t) else {
-                        continue;
-                    };
-                    let Some((wildcard, names)) = subs.get(&t) else {
-                        continue;
-                    };
-                    let wildcard = *wildcard;
-                    let k = known.entry(t.clone()).or_default();
-                    let mut resources = Vec::new();
-                    let mut removed = Vec::new();
-                    // Holding the previous version: only what changed since needs a look.
-                    let incremental = seen.get(&t).is_some_and(|v| *v == snap.prev);
-                    if seen.get(&t) == Some(&snap.version) {
-                        continue;
-                    }
-                    seen.insert(t.clone(), snap.version.clone());
-                    let candidates: Vec<Arc<str>> = if incremental {
-                        snap.changed.iter().cloned().collect()
-                    } else if wildcard {
-                        snap.resources
-                            .keys()
-                            .chain(k.keys().filter(|n| !snap.resources.contains_key(*n)))
-                            .cloned()
-                            .collect()
-                    } else {
-                        names
+                    let acked = lock(&sh.delta_versions).get(&r.response_nonce).cloned();
+                    sh.record_request(Req {
+                        at: Instant::now(),
+                        type_url: r.type_url.clone(),
+                        version: acked.unwrap_or_default(),
+                        nonce: r.response_nonce.clone(),
+                        names: r.resource_names_subscribe.clone(),
+                        unsubscribe: r.resource_names_unsubscribe.clone(),
+                        initial: r.initial_resource_versions.clone().into_iter().collect(),
+                        error: r.error_detail.as_ref().map(|e| e.message.clone()),
+                        node_id: r.node.as_ref().map(|n| n.id.clone()),
+                        node_meta: meta_keys(r.node.as_ref()),
+                        delta: true,
+                        stream,
+                    });
+                    let first = !subs.contains_key(&r.type_url);
+                    let entry = subs.entry(r.type_url.clone()).or_insert_with(|| {
+                        let wildcard = (r.type_url == LISTENER || r.type_url == CLUSTER)
+                            && (r.resource_names_subscribe.is_empty() || r.resource_names_subscribe.iter().any(|n| n == "*"));
+                        (wildcard, BTreeSet::new())
+                    });
+                    let snap = sh.snap(group.as_deref().unwrap_or(""), &r.type_url);
+                    entry.1.extend(
+                        r.resource_names_subscribe
                             .iter()
-                            .chain(k.keys().filter(|n| !names.contains(*n)))
-                            .cloned()
-                            .collect()
-                    };
-                    for n in &candidates {
-                        let wanted = wildcard || names.contains(n);
-                        match snap.resources.get(n) {
-                            Some((a, v)) if wanted && k.get(n) != Some(v) => {
-                                k.insert(n.clone(), *v);
-                                resources.push(Resource {
-                                    name: n.to_string(),
-                                    version: format!("{v:x}"),
-                                    resource: Some(a.clone()),
-                                    ..Default::default()
-                                });
-                            }
-                            None if k.contains_key(n) => removed.push(n.to_string()),
-                            _ => {}
-                        }
-                    }
-                    for n in &removed {
+                            .filter(|n| *n != "*")
+                            .map(|n| Snap::intern(snap.as_deref(), n.clone())),
+                    );
+                    let k = known.entry(r.type_url.clone()).or_default();
+                    for n in &r.resource_names_unsubscribe {
+                        entry.1.remove(n.as_str());
                         k.remove(n.as_str());
                     }
-                    if resources.is_empty() && removed.is_empty() {
+                    if first {
+                        // Versions we sent are hex hashes; anything else is sent again.
+                        k.extend(r.initial_resource_versions.iter().map(|(n, v)| {
+                            (Snap::intern(snap.as_deref(), n.clone()), u64::from_str_radix(v, 16).unwrap_or(0))
+                        }));
+                    }
+                    seen.remove(&r.type_url);
+                    if !r.response_nonce.is_empty() {
                         continue;
                     }
-                    let nonce = sh.next_nonce();
-                    {
-                        let mut v = lock(&sh.delta_versions);
-                        // Nonces older than the last few thousand are never ACKed any more.
-                        if v.len() >= LOG_LIMIT {
-                            v.clear();
-                        }
-                        v.insert(nonce.clone(), snap.version.clone());
+                    vec![r.type_url]
+                }
+                Err(e) => break Some(e),
+            },
+            c = changed.changed() => {
+                if c.is_err() { break None; }
+                subs.keys().cloned().collect()
+            }
+        };
+        let g = group.as_deref().unwrap_or("");
+        for t in types {
+            let Some(snap) = sh.snap(g, &t) else {
+                continue;
+            };
+            let Some((wildcard, names)) = subs.get(&t) else {
+                continue;
+            };
+            let wildcard = *wildcard;
+            let k = known.entry(t.clone()).or_default();
+            if seen.get(&t) == Some(&snap.version) {
+                continue;
+            }
+            // Holding the previous version: only what changed since needs a look.
+            let incremental = seen.get(&t).is_some_and(|v| *v == snap.prev);
+            seen.insert(t.clone(), snap.version.clone());
+            let candidates: Vec<Arc<str>> = if incremental {
+                snap.changed.iter().cloned().collect()
+            } else if wildcard {
+                snap.resources
+                    .keys()
+                    .chain(k.keys().filter(|n| !snap.resources.contains_key(*n)))
+                    .cloned()
+                    .collect()
+            } else {
+                names
+                    .iter()
+                    .chain(k.keys().filter(|n| !names.contains(*n)))
+                    .cloned()
+                    .collect()
+            };
+            let mut parts = Vec::new();
+            let mut removed = Vec::new();
+            for n in &candidates {
+                let wanted = wildcard || names.contains(n);
+                match snap.resources.get(n) {
+                    Some(r) if wanted && k.get(n) != Some(&r.hash) => {
+                        k.insert(n.clone(), r.hash);
+                        parts.push(r.delta.clone());
                     }
-                    let resp = DeltaDiscoveryResponse {
-                        system_version_info: snap.version.clone(),
-                        resources,
-                        type_url: t.clone(),
-                        removed_resources: removed,
-                        nonce,
-                        ..Default::default()
-                    };
-                    sh.record(
-                        &resp.type_url,
-                        &resp.system_version_info,
-                        &resp.nonce,
-                        resp.resources.len(),
-                    );
-                    if tx.send(Ok(resp)).await.is_err() {
-                        sh.stream_ended(stream);
-                        return;
-                    }
+                    None if k.contains_key(n) => removed.push(n.to_string()),
+                    _ => {}
                 }
             }
-            sh.stream_ended(stream);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
+            for n in &removed {
+                k.remove(n.as_str());
+            }
+            if parts.is_empty() && removed.is_empty() {
+                continue;
+            }
+            let nonce = sh.next_nonce();
+            {
+                let mut v = lock(&sh.delta_versions);
+                // Nonces older than the last few thousand are never ACKed any more.
+                if v.len() >= LOG_LIMIT {
+                    v.clear();
+                }
+                v.insert(nonce.clone(), snap.version.clone());
+            }
+            sh.record(&t, &snap.version, &nonce, parts.len());
+            let header = DeltaDiscoveryResponse {
+                system_version_info: snap.version.clone(),
+                type_url: t.clone(),
+                removed_resources: removed,
+                nonce,
+                ..Default::default()
+            };
+            use prost::Message;
+            if !send(&tx, crate::grpc_wire::message(&header.encode_to_vec(), parts)).await {
+                sh.stream_ended(stream);
+                return;
+            }
+        }
+    };
+    sh.stream_ended(stream);
+    finish(&tx, end).await;
 }
 
 enum Listener {
@@ -730,14 +747,44 @@ enum Listener {
     Unix(tokio::net::UnixListener),
 }
 
-/// One HTTP/2 connection.
-async fn connection<S>(stream: S, svc: AggregatedDiscoveryServiceServer<Svc>)
+const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// One HTTP/2 connection: each request is an ADS stream served by its own task.
+async fn connection<S>(stream: S, sh: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let h = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let mut svc = svc.clone();
-        async move { tonic::codegen::Service::call(&mut svc, req).await }
+        let sh = sh.clone();
+        async move {
+            let (tx, rx) = mpsc::channel::<Chunk>(256);
+            let path = req.uri().path().to_string();
+            let body = req.into_body();
+            match path.as_str() {
+                SOTW_PATH => {
+                    tokio::spawn(sotw_stream(sh, crate::grpc_wire::Reader::new(body), tx));
+                }
+                DELTA_PATH => {
+                    tokio::spawn(delta_stream(sh, crate::grpc_wire::Reader::new(body), tx));
+                }
+                other => {
+                    let msg = format!("unknown method {other}");
+                    tokio::spawn(async move {
+                        let _ = tx
+                            .send(Ok(hyper::body::Frame::trailers(crate::grpc_wire::trailers(12, &msg))))
+                            .await;
+                    });
+                }
+            }
+            let body = http_body_util::StreamBody::new(ReceiverStream::new(rx));
+            let mut resp = hyper::Response::new(body);
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .serve_connection(hyper_util::rt::TokioIo::new(stream), h)
@@ -766,7 +813,18 @@ impl AdsServer {
         let listener = rt.block_on(async {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                match tokio::net::TcpListener::bind(at).await {
+                // A deep accept queue: a thousand sidecars reconnect at once after a restart.
+                let bound = if at.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
+                .and_then(|sock| {
+                    sock.set_reuseaddr(true)?;
+                    sock.bind(at)?;
+                    sock.listen(4096)
+                });
+                match bound {
                     Ok(l) => break Ok(l),
                     Err(e) if Instant::now() < deadline => {
                         tracing::debug!(port, error = %e, "ADS server: port taken; retrying");
@@ -800,6 +858,7 @@ impl AdsServer {
             wanted,
             keep_log: std::sync::atomic::AtomicBool::new(true),
             metrics: Mutex::new(Metrics::default()),
+            set_times: Mutex::new(HashMap::new()),
             changed,
             log: Mutex::new(VecDeque::new()),
             nonce: AtomicU64::new(0),
@@ -809,20 +868,19 @@ impl AdsServer {
             sent: Mutex::new(VecDeque::new()),
             syncz: Mutex::new(BTreeMap::new()),
         });
-        let svc = AggregatedDiscoveryServiceServer::new(Svc(shared.clone())).max_decoding_message_size(64 << 20);
-        // Served by hyper's HTTP/2 server directly (tonic's own server needs its `router` feature).
+        let sh = shared.clone();
         let serving = async move {
             loop {
                 match &listener {
                     Listener::Tcp(l) => {
                         if let Ok((s, _)) = l.accept().await {
                             let _ = s.set_nodelay(true);
-                            tokio::spawn(connection(s, svc.clone()));
+                            tokio::spawn(connection(s, sh.clone()));
                         }
                     }
                     Listener::Unix(l) => {
                         if let Ok((s, _)) = l.accept().await {
-                            tokio::spawn(connection(s, svc.clone()));
+                            tokio::spawn(connection(s, sh.clone()));
                         }
                     }
                 }
@@ -869,6 +927,16 @@ impl AdsServer {
                 )
             })
             .collect();
+        {
+            let mut times = lock(&self.shared.set_times);
+            for (t, snap) in &built {
+                let h = times.entry((group.to_string(), t.clone())).or_default();
+                if h.len() >= 16 {
+                    h.pop_front();
+                }
+                h.push_back((snap.version.clone(), Instant::now()));
+            }
+        }
         let mut snaps = lock(&self.shared.snaps);
         let g = snaps.entry(group.to_string()).or_default();
         for (t, snap) in built {
@@ -897,6 +965,7 @@ impl AdsServer {
     /// Forgets the snapshots of groups not in `keep`.
     pub fn retain_groups(&self, keep: &dyn Fn(&str) -> bool) {
         lock(&self.shared.snaps).retain(|g, _| keep(g));
+        lock(&self.shared.set_times).retain(|(g, _), _| keep(g));
     }
 
     /// Whether requests and responses are kept for [`AdsServer::requests`] / [`AdsServer::sent`]

@@ -330,3 +330,73 @@ fn registrations_survive_a_pilot_restart() {
         who(out, 6).iter().all(|w| w == "one")
     });
 }
+
+/// A sidecar that fronts a workload (`TESSERA_INBOUND`) gets an inbound listener to it, and the
+/// AuthorizationPolicy that selects the workload's labels guards that listener.
+#[test]
+fn inbound_listeners_carry_the_workloads_authorization_policy() {
+    let (_app, app) = sample_service("hello");
+    let dir = TempDir::new("pilot-inbound");
+    std::fs::create_dir_all(dir.path("services")).unwrap();
+    std::fs::create_dir_all(dir.path("istio")).unwrap();
+    let inbound = free_port();
+    dir.write(
+        "services/hello.yaml",
+        &format!(
+            "services:\n- name: hello\n  ports: [{{ name: http, port: 80 }}]\n  instances: [{{ address: 127.0.0.1, port: {inbound}, labels: {{ app: hello }} }}]\n"
+        ),
+    );
+    dir.write(
+        "istio/deny-admin.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: no-admin, namespace: default }\nspec:\n  selector: { matchLabels: { app: hello } }\n  action: DENY\n  rules:\n  - to: [{ operation: { paths: [\"/admin*\"] } }]\n",
+    );
+    let cfg = dir.write(
+        "pilot.yaml",
+        "xds: { listen: \"127.0.0.1:0\" }\nregistries: { file: { dir: services, watch_interval: 100ms } }\nconfig: { dir: istio }\npush: { debounce: 50ms }\n",
+    );
+    let pilot = Proc::tessera(&["pilot", "--config", cfg.to_str().unwrap()]);
+    let xds = pilot.logged_addr("pilot ready", T);
+    let sadmin = free_port();
+    let boot = dir.write(
+        "sidecar.yaml",
+        &tessera_xds::bootstrap::ads_bootstrap_yaml(
+            "sidecar~127.0.0.1~hello-1.default~default.svc.cluster.local",
+            "hello",
+            xds,
+            Some(sadmin),
+            "GRPC",
+        ),
+    );
+    let meta_in = format!("TESSERA_INBOUND=127.0.0.1:{inbound}=127.0.0.1:{}", app.port());
+    let sidecar = Proc::tessera(&[
+        "sidecar",
+        "--envoy-bootstrap",
+        boot.to_str().unwrap(),
+        "--node-meta",
+        &meta_in,
+        "--node-meta",
+        "TESSERA_OUTBOUND=none",
+    ]);
+    let url = format!("http://127.0.0.1:{inbound}");
+    wait_status(&format!("{url}/"), "200", T);
+    assert_eq!(curl_ok(&[&format!("{url}/")]), "hello from hello (/)\n");
+    let out = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("{url}/admin/users"),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "403",
+        "the DENY policy applies; pilot:\n{}\nsidecar:\n{}\n{}",
+        pilot.log(),
+        sidecar.log(),
+        curl_ok(&[&format!("http://127.0.0.1:{sadmin}/config_dump")])
+    );
+    // The policy removed: the path is served again (a pushed listener change).
+    std::fs::remove_file(dir.path("istio/deny-admin.yaml")).unwrap();
+    wait_status(&format!("{url}/admin/users"), "200", T);
+}
