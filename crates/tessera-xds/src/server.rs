@@ -544,20 +544,37 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
             // Empty names (or `*`) ask for everything; a client that names listeners or clusters
             // (gRPC's xDS client does) gets those alone.
             let wildcard = names.is_empty() || names.iter().any(|n| &**n == "*");
+            // For types other than listeners and clusters, a state-of-the-world response need
+            // only carry the resources that changed (xDS protocol, "Grouping resources into
+            // responses"), as Istio sends incremental EDS: a stream that holds the previous
+            // version and asks for the same names gets the changed ones it asked for, and
+            // nothing at all when none of them changed.
+            let mut only: Option<Vec<Bytes>> = None;
             if let Some(l) = sent.get_mut(&t)
                 && l.names == names
             {
                 if l.version == snap.version {
                     continue;
                 }
-                // Nothing this stream holds changed: no push, as Istio skips EDS for sidecars
-                // that do not use the cluster.
-                if !wildcard && l.version == snap.prev && !snap.changed.iter().any(|n| names.binary_search(n).is_ok()) {
-                    l.version.clone_from(&snap.version);
-                    continue;
+                if !wildcard && l.version == snap.prev {
+                    let hit: Vec<Bytes> = snap
+                        .changed
+                        .iter()
+                        .filter(|n| names.binary_search(n).is_ok())
+                        .filter_map(|n| snap.resources.get(n))
+                        .map(|r| r.sotw.clone())
+                        .collect();
+                    if hit.is_empty() {
+                        l.version.clone_from(&snap.version);
+                        continue;
+                    }
+                    only = Some(hit);
                 }
             }
-            let (parts, count) = if wildcard {
+            let (parts, count) = if let Some(p) = only {
+                let n = p.len();
+                (p, n)
+            } else if wildcard {
                 (vec![snap.all_sotw.clone()], snap.resources.len())
             } else {
                 let p: Vec<Bytes> = names
@@ -1179,6 +1196,7 @@ mod tests {
             let (_ta, mut a) = stream(server.addr, "a-1", &["x"]).await;
             let (_ta2, mut a2) = stream(server.addr, "a-2", &["y"]).await;
             let (_tb, mut b) = stream(server.addr, "b-1", &["x"]).await;
+            let (_ta3, mut a3) = stream(server.addr, "a-3", &["x", "y"]).await;
             let port = |r: &DiscoveryResponse| {
                 use prost::Message;
                 let c = ClusterLoadAssignment::decode(r.resources[0].value.as_slice()).unwrap();
@@ -1188,12 +1206,20 @@ mod tests {
             let rb = next(&mut b, Duration::from_secs(5)).await.expect("b-1 gets x");
             assert_ne!(port(&ra), port(&rb), "each group has its own snapshot");
             next(&mut a2, Duration::from_secs(5)).await.expect("a-2 gets y");
+            let r = next(&mut a3, Duration::from_secs(5)).await.expect("a-3 gets x and y");
+            assert_eq!(r.resources.len(), 2);
             assert!(wanted.has_changed().unwrap());
-            assert_eq!(server.groups().get("a"), Some(&2));
+            assert_eq!(server.groups().get("a"), Some(&3));
             // Only y changes: a-2 (which uses it) is pushed, a-1 and b-1 are not.
             server.set_group("a", vec![(ENDPOINT, "2", vec![cla("x", 1), cla("y", 3)])]);
             let r = next(&mut a2, Duration::from_secs(5)).await.expect("a-2 is pushed y");
             assert_eq!(r.version_info, "2");
+            let r = next(&mut a3, Duration::from_secs(5)).await.expect("a-3 is pushed y");
+            assert_eq!(
+                (r.version_info.as_str(), r.resources.len()),
+                ("2", 1),
+                "only the changed resource"
+            );
             assert!(
                 next(&mut a, Duration::from_millis(300)).await.is_none(),
                 "a-1 does not use y"
@@ -1206,17 +1232,19 @@ mod tests {
             server.set_group("a", vec![(ENDPOINT, "3", vec![cla("x", 4), cla("y", 3)])]);
             let r = next(&mut a, Duration::from_secs(5)).await.expect("a-1 is pushed x");
             assert_eq!((r.version_info.as_str(), r.resources.len()), ("3", 1));
+            let r = next(&mut a3, Duration::from_secs(5)).await.expect("a-3 is pushed x");
+            assert_eq!((r.version_info.as_str(), r.resources.len()), ("3", 1));
             assert!(next(&mut a2, Duration::from_millis(300)).await.is_none());
         });
         // Every ACK of a version set is a convergence sample; pushes are counted.
         server
             .wait_all("acks", Duration::from_secs(5), &|reqs| {
-                reqs.iter().filter(|r| !r.nonce.is_empty()).count() >= 5
+                reqs.iter().filter(|r| !r.nonce.is_empty()).count() >= 8
             })
             .unwrap();
         let m = server.metrics_text();
-        assert!(m.contains("pilot_xds 3"), "{m}");
-        assert!(m.contains("pilot_xds_pushes{type=\"ClusterLoadAssignment\"} 5"), "{m}");
-        assert!(m.contains("pilot_proxy_convergence_time_count 5"), "{m}");
+        assert!(m.contains("pilot_xds 4"), "{m}");
+        assert!(m.contains("pilot_xds_pushes{type=\"ClusterLoadAssignment\"} 8"), "{m}");
+        assert!(m.contains("pilot_proxy_convergence_time_count 8"), "{m}");
     }
 }

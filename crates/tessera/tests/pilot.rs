@@ -20,9 +20,14 @@ fn services(instances: &[SocketAddr]) -> String {
         .iter()
         .map(|a| format!("  - {{ address: {}, port: {} }}", a.ip(), a.port()))
         .collect();
+    // A second service, whose endpoints never change: an EDS push for reviews alone must leave
+    // its endpoints in place (state-of-the-world EDS responses carry the changed clusters only).
+    let first = instances[0];
     format!(
-        "services:\n- name: reviews\n  namespace: shop\n  ports: [{{ name: http, port: 9080, protocol: http }}]\n  instances:\n{}\n",
-        list.join("\n")
+        "services:\n- name: reviews\n  namespace: shop\n  ports: [{{ name: http, port: 9080, protocol: http }}]\n  instances:\n{}\n- name: ratings\n  namespace: shop\n  ports: [{{ name: http, port: 9080 }}]\n  instances: [{{ address: {}, port: {} }}]\n",
+        list.join("\n"),
+        first.ip(),
+        first.port()
     )
 }
 
@@ -118,6 +123,15 @@ fn pilot_serves_file_registered_services_to_tessera_and_envoy() {
     seen.sort();
     seen.dedup();
     assert_eq!(seen, ["one", "two"], "Envoy balances over both instances Pilot sent");
+    // reviews loses an instance: Envoy follows, and ratings (not in that push) keeps routing.
+    std::fs::write(&svc, services(&[one])).unwrap();
+    wait_until("Envoy drops the second instance", || {
+        who(eout, 6).iter().all(|w| w == "one")
+    });
+    let ratings = curl_ok(&["-s", "-H", "Host: ratings.shop", &format!("http://127.0.0.1:{eout}/")]);
+    assert!(ratings.contains("hello from one"), "{ratings}");
+    let ratings = curl_ok(&["-s", "-H", "Host: ratings.shop", &format!("http://127.0.0.1:{tout}/")]);
+    assert!(ratings.contains("hello from one"), "the Tessera sidecar too: {ratings}");
 }
 
 #[test]
