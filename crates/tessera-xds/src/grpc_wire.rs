@@ -153,6 +153,10 @@ impl<M: Message + Default> Reader<M> {
                 if self.buf.len() >= 5 + len {
                     let _ = self.buf.split_to(5);
                     let msg = self.buf.split_to(len);
+                    // A stream lives long and its big requests are rare: do not keep their buffer.
+                    if self.buf.is_empty() && self.buf.capacity() > 16 * 1024 {
+                        self.buf = BytesMut::new();
+                    }
                     return M::decode(msg.freeze()).map_err(|e| ReadEnd::Bad(format!("undecodable request: {e}")));
                 }
             }

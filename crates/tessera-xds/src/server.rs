@@ -451,7 +451,25 @@ fn hash_of(a: &Any) -> u64 {
 /// sent its set again, which is rare and cheap next to the memory of a thousand streams.)
 struct SotwSent {
     version: String,
+    /// The subscription's generation it was sent for.
+    generation: u64,
+}
+
+/// What a state-of-the-world stream asked for of a type: the names (shared with the snapshot),
+/// a hash of the names as the client sent them (an ACK repeats them: equal hash, nothing to
+/// redo), and a generation that changes when the names do.
+#[derive(Default)]
+struct SotwSub {
     names: Vec<Arc<str>>,
+    raw_hash: u64,
+    raw_len: usize,
+    generation: u64,
+}
+
+fn names_hash(names: &[String]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    names.hash(&mut h);
+    h.finish()
 }
 
 type Chunk = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
@@ -485,7 +503,7 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
     let mut changed = sh.changed.subscribe();
     let mut raw = sh.raw.subscribe();
     let mut group: Option<String> = None;
-    let mut subs: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
+    let mut subs: BTreeMap<String, SotwSub> = BTreeMap::new();
     // Per type: the version last sent (or passed over) and the names it was for, so a push that
     // changes none of them is skipped.
     let mut sent: HashMap<String, SotwSent> = HashMap::new();
@@ -510,15 +528,22 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
                         delta: false,
                         stream,
                     });
-                    let snap = sh.snap(group.as_deref().unwrap_or(""), &r.type_url);
-                    let mut names: Vec<Arc<str>> = r
-                        .resource_names
-                        .into_iter()
-                        .map(|n| Snap::intern(snap.as_deref(), n))
-                        .collect();
-                    names.sort();
-                    names.dedup();
-                    subs.insert(r.type_url.clone(), names);
+                    let raw_hash = names_hash(&r.resource_names);
+                    let sub = subs.entry(r.type_url.clone()).or_default();
+                    if sub.generation == 0 || sub.raw_hash != raw_hash || sub.raw_len != r.resource_names.len() {
+                        let snap = sh.snap(group.as_deref().unwrap_or(""), &r.type_url);
+                        sub.raw_len = r.resource_names.len();
+                        let mut names: Vec<Arc<str>> = r
+                            .resource_names
+                            .into_iter()
+                            .map(|n| Snap::intern(snap.as_deref(), n))
+                            .collect();
+                        names.sort();
+                        names.dedup();
+                        sub.names = names;
+                        sub.raw_hash = raw_hash;
+                        sub.generation += 1;
+                    }
                     vec![r.type_url]
                 }
                 Err(e) => break Some(e),
@@ -540,7 +565,10 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
             let Some(snap) = sh.snap(g, &t) else {
                 continue;
             };
-            let names = subs.get(&t).map(Vec::as_slice).unwrap_or(&[]);
+            let (names, generation) = subs
+                .get(&t)
+                .map(|s| (s.names.as_slice(), s.generation))
+                .unwrap_or((&[], 0));
             // Empty names (or `*`) ask for everything; a client that names listeners or clusters
             // (gRPC's xDS client does) gets those alone.
             let wildcard = names.is_empty() || names.iter().any(|n| &**n == "*");
@@ -551,7 +579,7 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
             // nothing at all when none of them changed.
             let mut only: Option<Vec<Bytes>> = None;
             if let Some(l) = sent.get_mut(&t)
-                && l.names == names
+                && l.generation == generation
             {
                 if l.version == snap.version {
                     continue;
@@ -597,7 +625,7 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
                 t,
                 SotwSent {
                     version: snap.version.clone(),
-                    names: names.to_vec(),
+                    generation,
                 },
             );
             use prost::Message;
