@@ -232,10 +232,38 @@ impl Imports {
 
     /// The part of `s` a sidecar in `ns` sees.
     pub fn visible(&self, s: &Snapshot, ns: &str) -> Snapshot {
-        if !self.0.contains_key(ns) {
+        let Some(list) = self.0.get(ns) else {
             return s.clone();
-        }
+        };
         let mut out = Snapshot::default();
+        // Whole namespaces only (`./*`, `shop/*`, the usual case): a range of the snapshot's
+        // `namespace/name` keys per namespace, not a look at every service.
+        let whole: Option<Vec<&str>> = list
+            .iter()
+            .map(|p| match p.split_once('/') {
+                Some((".", "*")) => Some(ns),
+                Some((n, "*")) if n != "*" => Some(n),
+                _ => None,
+            })
+            .collect();
+        if let Some(mut namespaces) = whole {
+            namespaces.sort_unstable();
+            namespaces.dedup();
+            for n in namespaces {
+                let from = format!("{n}/");
+                for (k, svc) in s
+                    .services
+                    .range(from.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&from))
+                {
+                    out.services.insert(k.clone(), svc.clone());
+                    if let Some(i) = s.instances.get(k) {
+                        out.instances.insert(k.clone(), i.clone());
+                    }
+                }
+            }
+            return out;
+        }
         for (k, svc) in &s.services {
             let hosts = [svc.hostname(), format!("{}.{}", svc.name, svc.namespace)];
             if self.sees(ns, &svc.namespace, &hosts) {
