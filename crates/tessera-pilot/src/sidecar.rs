@@ -77,6 +77,46 @@ pub fn registered_at(s: &Snapshot, at: SocketAddr) -> Option<(Protocol, &Service
     None
 }
 
+fn router() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
+        ..Default::default()
+    }
+}
+
+/// An HTTP connection manager named `name` whose inline routes send every path under `prefix`
+/// (any host) to `cluster`, through `http_filters`.
+fn single_route_hcm(name: &str, prefix: &str, cluster: &str, http_filters: Vec<HttpFilter>) -> HttpConnectionManager {
+    HttpConnectionManager {
+        stat_prefix: name.into(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+            RouteConfiguration {
+                name: name.into(),
+                virtual_hosts: vec![VirtualHost {
+                    name: name.into(),
+                    domains: vec!["*".into()],
+                    routes: vec![Route {
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.into())),
+                            ..Default::default()
+                        }),
+                        action: Some(route::Action::Route(RouteAction {
+                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.into())),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters,
+        ..Default::default()
+    }
+}
+
 fn filter_of<M: prost::Name>(name: &str, m: &M) -> Filter {
     Filter {
         name: name.into(),
@@ -150,40 +190,8 @@ pub fn inbound(out: &mut Resources, s: &Snapshot, inbound: &[(SocketAddr, Socket
                         ..Default::default()
                     })
                     .collect();
-                http_filters.push(HttpFilter {
-                    name: "envoy.filters.http.router".into(),
-                    config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
-                    ..Default::default()
-                });
-                let hcm = HttpConnectionManager {
-                    stat_prefix: name.clone(),
-                    route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
-                        RouteConfiguration {
-                            name: name.clone(),
-                            virtual_hosts: vec![VirtualHost {
-                                name: name.clone(),
-                                domains: vec!["*".into()],
-                                routes: vec![Route {
-                                    r#match: Some(RouteMatch {
-                                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
-                                        ..Default::default()
-                                    }),
-                                    action: Some(route::Action::Route(RouteAction {
-                                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                                            cluster.clone(),
-                                        )),
-                                        ..Default::default()
-                                    })),
-                                    ..Default::default()
-                                }],
-                                ..Default::default()
-                            }],
-                            ..Default::default()
-                        },
-                    )),
-                    http_filters,
-                    ..Default::default()
-                };
+                http_filters.push(router());
+                let hcm = single_route_hcm(&name, "/", &cluster, http_filters);
                 filter_of("envoy.filters.network.http_connection_manager", &hcm)
             }
             Some((Protocol::Dubbo, _, _)) => dubbo_filter(&name, vec![dubbo_route(&name, "*", &cluster)]),
@@ -221,39 +229,7 @@ pub fn grpc_listeners(s: &Snapshot) -> Vec<Any> {
                 format!("{}:{}", svc.hostname(), port.port),
                 format!("{}.{}:{}", svc.name, svc.namespace, port.port),
             ] {
-                let hcm = HttpConnectionManager {
-                    stat_prefix: name.clone(),
-                    route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
-                        RouteConfiguration {
-                            name: name.clone(),
-                            virtual_hosts: vec![VirtualHost {
-                                name: name.clone(),
-                                domains: vec!["*".into()],
-                                routes: vec![Route {
-                                    r#match: Some(RouteMatch {
-                                        path_specifier: Some(route_match::PathSpecifier::Prefix(String::new())),
-                                        ..Default::default()
-                                    }),
-                                    action: Some(route::Action::Route(RouteAction {
-                                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                                            cluster.clone(),
-                                        )),
-                                        ..Default::default()
-                                    })),
-                                    ..Default::default()
-                                }],
-                                ..Default::default()
-                            }],
-                            ..Default::default()
-                        },
-                    )),
-                    http_filters: vec![HttpFilter {
-                        name: "envoy.filters.http.router".into(),
-                        config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                };
+                let hcm = single_route_hcm(&name, "", &cluster, vec![router()]);
                 out.push(any(&Listener {
                     name,
                     api_listener: Some(ApiListener {
