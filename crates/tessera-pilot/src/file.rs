@@ -322,6 +322,69 @@ pub fn parse_value(doc: &Value, file: &str, source: &str) -> Result<Snapshot, Ve
     }
 }
 
+/// A watched directory of YAML files as last read: each file's bytes (to notice changes) and
+/// what its last good content gave. A file with a problem keeps its last good content in force
+/// (the problems are logged); a file removed takes its content with it. The file registry and
+/// the Istio config directory both read this way.
+#[derive(Debug)]
+pub struct DirWatch<T> {
+    /// What the files are, in logs (`registry`, `Istio config`).
+    what: &'static str,
+    seen: BTreeMap<PathBuf, Vec<u8>>,
+    /// Per file, what its last good content gave.
+    pub good: BTreeMap<PathBuf, T>,
+}
+
+impl<T> DirWatch<T> {
+    /// An empty watch; `what` names the files in logs.
+    pub fn new(what: &'static str) -> Self {
+        DirWatch {
+            what,
+            seen: BTreeMap::new(),
+            good: BTreeMap::new(),
+        }
+    }
+
+    /// Reads `dir` again; a file whose bytes changed goes through `parse(text, file name)`.
+    /// True when what `good` holds changed.
+    pub fn refresh(&mut self, dir: &Path, parse: impl Fn(&str, &str) -> Result<T, Vec<Problem>>) -> bool {
+        let list = match files(dir) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot read the {} directory; keeping what was read before", self.what);
+                return false;
+            }
+        };
+        let mut changed = false;
+        let gone: Vec<PathBuf> = self.seen.keys().filter(|p| !list.contains(p)).cloned().collect();
+        for p in gone {
+            self.seen.remove(&p);
+            changed |= self.good.remove(&p).is_some();
+        }
+        for p in list {
+            let Ok(bytes) = std::fs::read(&p) else { continue };
+            if self.seen.get(&p) == Some(&bytes) {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            self.seen.insert(p.clone(), bytes);
+            match parse(&text, &p.display().to_string()) {
+                Ok(v) => {
+                    tracing::info!(file = %p.display(), "{} file accepted", self.what);
+                    self.good.insert(p, v);
+                    changed = true;
+                }
+                Err(problems) => {
+                    for pr in problems {
+                        tracing::error!("{} file rejected; its last good content stays: {pr}", self.what);
+                    }
+                }
+            }
+        }
+        changed
+    }
+}
+
 /// The YAML files of a directory, sorted.
 pub fn files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)?

@@ -81,6 +81,16 @@ pub trait Adapter: Send + Sync + std::fmt::Debug + 'static {
     fn run(self: Arc<Self>, feed: Feed) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
+/// A namespace an adapter may map into: a DNS label (lower case, digits, `-`, at most 63).
+pub(crate) fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// The adapters pilot.yaml can name under `registries:` besides `file` and `api`.
 pub const KINDS: &[&str] = &["zookeeper", "etcd"];
 

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tessera_xds::server::AdsServer;
@@ -34,55 +33,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// The registry files as last read: content (to notice changes) and what they gave.
-#[derive(Default)]
-struct Files {
-    seen: BTreeMap<PathBuf, Vec<u8>>,
-    good: BTreeMap<PathBuf, Snapshot>,
-}
-
-impl Files {
-    /// Reads the directory; true when anything changed. Problems are logged; a bad file keeps
-    /// its last good content.
-    fn refresh(&mut self, dir: &std::path::Path) -> bool {
-        let list = match crate::file::files(dir) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot read the registry directory; keeping what was read before");
-                return false;
-            }
-        };
-        let mut changed = false;
-        let gone: Vec<PathBuf> = self.seen.keys().filter(|p| !list.contains(p)).cloned().collect();
-        for p in gone {
-            self.seen.remove(&p);
-            self.good.remove(&p);
-            changed = true;
-        }
-        for p in list {
-            let Ok(bytes) = std::fs::read(&p) else { continue };
-            if self.seen.get(&p) == Some(&bytes) {
-                continue;
-            }
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            self.seen.insert(p.clone(), bytes);
-            let file = p.display().to_string();
-            match crate::file::parse(&text, &file, &format!("file:{file}")) {
-                Ok(s) => {
-                    self.good.insert(p, s);
-                    changed = true;
-                }
-                Err(problems) => {
-                    for pr in problems {
-                        tracing::error!("registry file rejected; its last good content stays: {pr}");
-                    }
-                }
-            }
-        }
-        changed
-    }
 }
 
 /// Push timings, for `/metrics`.
@@ -263,7 +213,7 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
     }
     let mut adapter_woke = false;
     let mut api_seen = 0u64;
-    let mut files = Files::default();
+    let mut files = crate::file::DirWatch::new("registry");
     let mut pusher = crate::push::Pusher::default();
     let mut groups_changed = ads.watch_groups();
     // Istio traffic config (`config.dir`): read on change, translated with every snapshot; what
@@ -302,7 +252,11 @@ pub async fn run(cfg: Config, ads: AdsServer) -> Result<(), Error> {
     loop {
         api.expire(Instant::now());
         let api_now = *api_changed.borrow_and_update();
-        let files_changed = cfg.file_dir.as_ref().is_some_and(|dir| files.refresh(dir));
+        let files_changed = cfg.file_dir.as_ref().is_some_and(|dir| {
+            files.refresh(dir, |text, file| {
+                crate::file::parse(text, file, &format!("file:{file}"))
+            })
+        });
         if let Some(dir) = &cfg.istio_dir
             && istio_read.is_none_or(|t| t.elapsed() >= cfg.istio_watch_interval)
         {

@@ -118,15 +118,6 @@ fn check_server(s: &str) -> Result<(), String> {
     }
 }
 
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 impl ZkConfig {
     /// Reads `registries.zookeeper`; every problem names its field.
     pub fn parse(v: &Value, file: &str) -> Result<ZkConfig, Vec<Problem>> {
@@ -204,7 +195,7 @@ impl ZkConfig {
             );
         }
         let namespace = namespace.unwrap_or_else(|| "default".to_string());
-        if !dns_label(&namespace) {
+        if !crate::registry::dns_label(&namespace) {
             problem(
                 "namespace",
                 format!("`{namespace}` is not a namespace: lower-case letters, digits and `-`, at most 63"),

@@ -663,7 +663,7 @@ async fn delta_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Del
                         type_url: r.type_url.clone(),
                         version: acked.unwrap_or_default(),
                         nonce: r.response_nonce.clone(),
-                        names: r.resource_names_subscribe.clone(),
+                        names: if sh.keep_log.load(Ordering::Relaxed) { r.resource_names_subscribe.clone() } else { Vec::new() },
                         unsubscribe: r.resource_names_unsubscribe.clone(),
                         initial: r.initial_resource_versions.clone().into_iter().collect(),
                         error: r.error_detail.as_ref().map(|e| e.message.clone()),

@@ -40,18 +40,17 @@ struct SidecarPlan {
     admin: Option<SocketAddr>,
 }
 
-async fn http(method: &str, url: &str, body: &str) -> anyhow::Result<(u16, String)> {
+/// One HTTP/1.1 request to `connect` with `host` as its Host header; the status and body.
+async fn request(connect: &str, method: &str, path: &str, host: &str, body: &str) -> anyhow::Result<(u16, String)> {
     use http_body_util::{BodyExt, Full};
-    let uri: http::Uri = url.parse()?;
-    let authority = uri.authority().context("no authority")?.to_string();
-    let stream = tokio::net::TcpStream::connect(&authority).await?;
+    let stream = tokio::net::TcpStream::connect(connect).await?;
     let (mut send, conn) =
         hyper::client::conn::http1::handshake::<_, Full<bytes::Bytes>>(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let req = http::Request::builder()
         .method(method)
-        .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-        .header(http::header::HOST, authority)
+        .uri(path)
+        .header(http::header::HOST, host)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(bytes::Bytes::from(body.to_string())))?;
     let resp = send.send_request(req).await?;
@@ -60,21 +59,15 @@ async fn http(method: &str, url: &str, body: &str) -> anyhow::Result<(u16, Strin
     Ok((status, String::from_utf8_lossy(&text).into_owned()))
 }
 
+/// A request to the registry API at `api`.
+async fn http(api: SocketAddr, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    let at = api.to_string();
+    request(&at, method, path, &at, body).await
+}
+
 /// A GET through a proxy with a Host header; the answer's status and body.
 async fn get_via(proxy: SocketAddr, host: &str) -> anyhow::Result<(u16, String)> {
-    use http_body_util::{BodyExt, Empty};
-    let stream = tokio::net::TcpStream::connect(proxy).await?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .uri("/")
-        .header(http::header::HOST, host)
-        .body(Empty::new())?;
-    let resp = send.send_request(req).await?;
-    let status = resp.status().as_u16();
-    let text = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&text).into_owned()))
+    request(&proxy.to_string(), "GET", "/", host, "").await
 }
 
 async fn register(api: SocketAddr, ns: &str, s: &tessera_model::SampleService) -> anyhow::Result<()> {
@@ -89,12 +82,12 @@ async fn register(api: SocketAddr, ns: &str, s: &tessera_model::SampleService) -
         (SampleProtocol::Dubbo, Some(i)) => format!(r#", "labels": {{"interface": "{i}"}}"#),
         _ => String::new(),
     };
-    let base = format!("http://{api}/v1/namespaces/{ns}/services/{}", s.name);
+    let base = format!("/v1/namespaces/{ns}/services/{}", s.name);
     let body = format!(r#"{{"ports": [{{"name": "{port_name}", "port": {port}, "protocol": "{protocol}"}}]{labels}}}"#);
-    let (code, text) = http("PUT", &base, &body).await?;
+    let (code, text) = http(api, "PUT", &base, &body).await?;
     anyhow::ensure!(code < 300, "registering service `{}`: {code} {text}", s.name);
     let body = format!(r#"{{"address": "{}", "port": {}}}"#, inbound.ip(), inbound.port());
-    let (code, text) = http("PUT", &format!("{base}/instances/{}-1", s.name), &body).await?;
+    let (code, text) = http(api, "PUT", &format!("{base}/instances/{}-1", s.name), &body).await?;
     anyhow::ensure!(code < 300, "registering an instance of `{}`: {code} {text}", s.name);
     Ok(())
 }

@@ -15,7 +15,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
-pub(crate) async fn start(addr: SocketAddr, name: String) -> anyhow::Result<SocketAddr> {
+/// Binds `addr` and serves each accepted connection with `serve` on a task of its own.
+async fn listen<F, Fut>(addr: SocketAddr, name: String, serve: F) -> anyhow::Result<SocketAddr>
+where
+    F: Fn(tokio::net::TcpStream, Arc<str>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("sample service `{name}`: cannot bind {addr}: {e}"))?;
@@ -26,16 +31,20 @@ pub(crate) async fn start(addr: SocketAddr, name: String) -> anyhow::Result<Sock
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let name = name.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| handle(name.clone(), req));
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+            tokio::spawn(serve(stream, name.clone()));
         }
     });
     Ok(bound)
+}
+
+pub(crate) async fn start(addr: SocketAddr, name: String) -> anyhow::Result<SocketAddr> {
+    listen(addr, name, |stream, name| async move {
+        let svc = hyper::service::service_fn(move |req| handle(name.clone(), req));
+        let _ = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+    })
+    .await
 }
 
 async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -103,20 +112,7 @@ async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<
 /// `hello from <name>: <interface>.<method>` (Hessian2, status OK) and heartbeats with their
 /// reply; a connection that sends something that is not Dubbo is closed.
 pub(crate) async fn start_dubbo(addr: SocketAddr, name: String) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("sample service `{name}`: cannot bind {addr}: {e}"))?;
-    let bound = listener.local_addr()?;
-    let name: Arc<str> = name.into();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(serve_dubbo(stream, name.clone()));
-        }
-    });
-    Ok(bound)
+    listen(addr, name, serve_dubbo).await
 }
 
 async fn serve_dubbo(mut stream: tokio::net::TcpStream, name: Arc<str>) {

@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -51,12 +51,9 @@ fn who(listen: u16, n: usize) -> Vec<String> {
         .collect()
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within {T:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// [`common::wait_until`] with this file's limit.
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    common::wait_until(what, T, f)
 }
 
 #[test]

@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -60,12 +60,9 @@ fn who(port: u16, n: usize, canary: bool) -> (usize, usize, usize) {
     counts
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within {T:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// [`common::wait_until`] with this file's limit.
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    common::wait_until(what, T, f)
 }
 
 /// The routing the config asks for, as `who` sees it: canaries on v2, the rest split 80/20.

@@ -147,14 +147,6 @@ fn who(url: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn config_dump(admin: SocketAddr) -> serde_json::Value {
     serde_json::from_str(&curl_ok(&[&format!("http://{admin}/config_dump")])).unwrap()
 }

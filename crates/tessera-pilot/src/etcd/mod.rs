@@ -98,15 +98,6 @@ pub fn check_endpoint(s: &str) -> Result<String, String> {
     }
 }
 
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 impl EtcdConfig {
     /// Reads the section at `at` (`registries.etcd` or `store.etcd`); every problem names its
     /// field. `namespace` is only known in the registry's section.
@@ -193,7 +184,7 @@ impl EtcdConfig {
                 ),
             );
         }
-        if !dns_label(&namespace) {
+        if !crate::registry::dns_label(&namespace) {
             problem(
                 "namespace",
                 format!("`{namespace}` is not a namespace: lower-case letters, digits and `-`, at most 63"),

@@ -108,55 +108,25 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
-/// The Istio config directory as last read: content (to notice changes) and what it gave.
-#[derive(Debug, Default)]
-pub struct Watch {
-    seen: BTreeMap<PathBuf, Vec<u8>>,
-    good: BTreeMap<PathBuf, Vec<Resource>>,
+/// The Istio config directory as last read (see `file::DirWatch`).
+#[derive(Debug)]
+pub struct Watch(crate::file::DirWatch<Vec<Resource>>);
+
+impl Default for Watch {
+    fn default() -> Self {
+        Watch(crate::file::DirWatch::new("Istio config"))
+    }
 }
 
 impl Watch {
     /// Reads the directory's `.yaml` / `.yml` files; true when the accepted config changed.
     /// A rejected file is logged with every problem and keeps its last good content.
     pub fn refresh(&mut self, dir: &Path) -> bool {
-        let list = match crate::file::files(dir) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot read the Istio config directory; keeping what was read before");
-                return false;
-            }
-        };
-        let mut changed = false;
-        let gone: Vec<PathBuf> = self.seen.keys().filter(|p| !list.contains(p)).cloned().collect();
-        for p in gone {
-            self.seen.remove(&p);
-            changed |= self.good.remove(&p).is_some();
-        }
-        for p in list {
-            let Ok(bytes) = std::fs::read(&p) else { continue };
-            if self.seen.get(&p) == Some(&bytes) {
-                continue;
-            }
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            self.seen.insert(p.clone(), bytes);
-            match parse(&text, &p.display().to_string()) {
-                Ok(r) => {
-                    tracing::info!(file = %p.display(), resources = r.len(), "Istio config accepted");
-                    self.good.insert(p, r);
-                    changed = true;
-                }
-                Err(problems) => {
-                    for pr in problems {
-                        tracing::error!("Istio config rejected; the file's last good content stays: {pr}");
-                    }
-                }
-            }
-        }
-        changed
+        self.0.refresh(dir, parse)
     }
 
     /// The accepted config.
     pub fn config(&self) -> Config {
-        Config::from_files(&self.good)
+        Config::from_files(&self.0.good)
     }
 }

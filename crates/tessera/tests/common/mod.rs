@@ -438,3 +438,13 @@ pub fn spawn_envoy(envoy: &Path, config: &Path, id: u16) -> Proc {
             .args(["--base-id", &(u32::from(id) % 60_000 + 1000).to_string()]),
     )
 }
+
+/// Polls `f` (every 50 ms) until it holds; fails naming `what` after `limit`.
+#[allow(dead_code)]
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
