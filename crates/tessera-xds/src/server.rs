@@ -1205,6 +1205,67 @@ mod tests {
         tokio::time::timeout(within, rx.recv()).await.ok().flatten()
     }
 
+    /// Raw HTTP/2 to the server: a POST to `path` with `body`; the trailers' grpc-status and
+    /// grpc-message.
+    async fn raw_call(addr: SocketAddr, path: &str, body: Vec<u8>) -> (String, String) {
+        use http_body_util::BodyExt;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::post(format!("http://xds{path}"))
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let collected = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+            .await
+            .expect("the server ends the response")
+            .unwrap();
+        let t = collected.trailers().cloned().unwrap_or_default();
+        let get = |k: &str| t.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        (get("grpc-status"), get("grpc-message"))
+    }
+
+    #[test]
+    fn malformed_requests_end_the_stream_with_a_grpc_error() {
+        let server = AdsServer::start(0).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Not a DiscoveryRequest.
+            let (st, msg) = raw_call(server.addr, SOTW_PATH, vec![0, 0, 0, 0, 3, 0xff, 0xff, 0xff]).await;
+            assert_eq!(st, "3", "{msg}");
+            assert!(msg.contains("undecodable request"), "{msg}");
+            // Compressed, which nothing negotiated.
+            let (st, msg) = raw_call(server.addr, DELTA_PATH, vec![1, 0, 0, 0, 0]).await;
+            assert_eq!(
+                (st.as_str(), msg.as_str()),
+                ("3", "compressed messages are not supported")
+            );
+            // Longer than the limit: refused from the length prefix, before reading it.
+            let (st, msg) = raw_call(server.addr, SOTW_PATH, vec![0, 0x7f, 0xff, 0xff, 0xff]).await;
+            assert_eq!(st, "3");
+            assert!(msg.contains("over the"), "{msg}");
+            // A method the server does not have.
+            let (st, msg) = raw_call(server.addr, "/envoy.service.discovery.v3.Nope/Nope", Vec::new()).await;
+            assert_eq!(st, "12", "{msg}");
+            // A client that just goes away ends its stream cleanly.
+            let (st, _) = raw_call(server.addr, SOTW_PATH, Vec::new()).await;
+            assert_eq!(st, "0");
+            // And the server still serves a real client.
+            server.set(ENDPOINT, "1", vec![cla("x", 1)]);
+            let (_t, mut rx) = stream(server.addr, "n", &["x"]).await;
+            assert!(next(&mut rx, Duration::from_secs(5)).await.is_some());
+        });
+    }
+
     #[test]
     fn groups_are_scoped_and_an_endpoint_change_reaches_only_its_users() {
         let server = AdsServer::start(0).unwrap();
