@@ -227,15 +227,39 @@ fn mesh_under_pilot_answers_curl_and_dubbo() {
     let fixed = [
         "15010", "15080", "15014", "18080", "16080", "18081", "16081", "15001", "20880", "9901",
     ];
-    let ports: Vec<u16> = fixed.iter().map(|_| free_port()).collect();
-    let mut text = std::fs::read_to_string(ex.join("mesh.yaml")).unwrap();
-    for (f, p) in fixed.iter().zip(&ports) {
-        text = text.replace(&format!("127.0.0.1:{f}"), &format!("127.0.0.1:{p}"));
-    }
+    // Ten free ports picked up front can be taken by a test running beside this one before the
+    // mesh binds them: `tessera up` then exits naming the address, and this test picks again.
+    let mut attempt = 0;
+    let (mut p, ports) = loop {
+        attempt += 1;
+        let ports: Vec<u16> = fixed.iter().map(|_| free_port()).collect();
+        let mut text = std::fs::read_to_string(ex.join("mesh.yaml")).unwrap();
+        for (f, p) in fixed.iter().zip(&ports) {
+            text = text.replace(&format!("127.0.0.1:{f}"), &format!("127.0.0.1:{p}"));
+        }
+        dir.write("mesh.yaml", &text);
+        let mut p = Proc::tessera(&["up", dir.path("mesh.yaml").to_str().unwrap()]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if p.log().contains("Ctrl-C stops the mesh.") {
+                break;
+            }
+            if p.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the mesh did not start: {}", p.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if p.log().contains("Ctrl-C stops the mesh.") {
+            break (p, ports);
+        }
+        assert!(
+            attempt < 3 && p.log().contains("Address already in use"),
+            "tessera up exited: {}",
+            p.log()
+        );
+    };
     let port = |f: &str| ports[fixed.iter().position(|x| *x == f).unwrap()];
-    dir.write("mesh.yaml", &text);
-    let mut p = Proc::tessera(&["up", dir.path("mesh.yaml").to_str().unwrap()]);
-    p.wait_log("Ctrl-C stops the mesh.", Duration::from_secs(30));
     let out = port("15001");
     assert!(
         p.log()
