@@ -1,6 +1,6 @@
-//! The Open Service Registry API, REST + JSON (first part; the gRPC event stream and sessions are
-//! not built yet). Registrations live in memory; an instance with a `ttl` is ephemeral and
-//! expires unless heart-beaten.
+//! The Open Service Registry API: REST + JSON here, gRPC (an event stream and stream-bound
+//! sessions) in `api_grpc.rs`, both on one address. Registrations live in memory (persisted
+//! with a store); an instance with a `ttl` is ephemeral and expires unless heart-beaten.
 //!
 //! ```text
 //! GET    /v1/services                                             {revision, services}
@@ -16,7 +16,7 @@
 //! field. Every change bumps the revision; a watch returns as soon as the revision passes
 //! `sinceRevision`, or after 30 s with the same revision.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,8 @@ use serde_json::{Value, json};
 
 use crate::model::{Instance, Service, Snapshot};
 
+pub mod grpc;
+
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi/registry.yaml");
 
@@ -34,6 +36,66 @@ pub const OPENAPI: &str = include_str!("../../../docs/openapi/registry.yaml");
 const WATCH_LIMIT: Duration = Duration::from_secs(30);
 /// Largest request body accepted.
 const MAX_BODY: usize = 1 << 20;
+/// How many events the registry keeps for watches that resume from a revision.
+const MAX_EVENTS: usize = 10_000;
+
+/// What a change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Registered.
+    Added,
+    /// Replaced by something different.
+    Modified,
+    /// Deregistered (or expired).
+    Deleted,
+}
+
+/// What changed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// A service.
+    Service(Service),
+    /// An instance of the service `namespace/name`.
+    Instance {
+        /// `namespace/name`.
+        service: String,
+        /// Its id in the service.
+        id: String,
+        /// The instance (before the change, for a deletion).
+        instance: Instance,
+    },
+}
+
+impl Object {
+    /// Namespace and service name.
+    pub fn service_key(&self) -> (&str, &str) {
+        match self {
+            Object::Service(s) => (&s.namespace, &s.name),
+            Object::Instance { service, .. } => service.split_once('/').unwrap_or((service, "")),
+        }
+    }
+}
+
+/// One change, with the revision that made it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The registry's revision after the change.
+    pub revision: u64,
+    /// Added, modified or deleted.
+    pub kind: Kind,
+    /// What.
+    pub object: Object,
+}
+
+/// The events after a revision are no longer kept (or the revision is ahead of the registry's,
+/// as after a restart): the watcher must start again from the current state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    /// Events after this revision are kept.
+    pub oldest: u64,
+    /// The registry's revision.
+    pub current: u64,
+}
 
 struct Registered {
     instance: Instance,
@@ -49,6 +111,88 @@ struct Inner {
     revision: u64,
     services: BTreeMap<String, Service>,
     instances: BTreeMap<String, BTreeMap<String, Registered>>,
+    /// The last changes, oldest first; every change after `floor` is here.
+    log: VecDeque<Event>,
+    floor: u64,
+}
+
+impl Inner {
+    /// Appends `changes` to the log at the current revision, dropping the oldest past the limit.
+    fn record(&mut self, changes: Vec<(Kind, Object)>) {
+        let revision = self.revision;
+        self.log.extend(
+            changes
+                .into_iter()
+                .map(|(kind, object)| Event { revision, kind, object }),
+        );
+        while self.log.len() > MAX_EVENTS {
+            if let Some(e) = self.log.pop_front() {
+                self.floor = e.revision;
+            }
+        }
+    }
+
+    /// The changes that turn `self` into `next` (a whole new view, as from etcd).
+    fn diff(&self, next: &Inner) -> Vec<(Kind, Object)> {
+        let mut out = Vec::new();
+        let empty = BTreeMap::new();
+        for (key, s) in &next.services {
+            match self.services.get(key) {
+                None => out.push((Kind::Added, Object::Service(s.clone()))),
+                Some(old) if old != s => out.push((Kind::Modified, Object::Service(s.clone()))),
+                Some(_) => {}
+            }
+        }
+        let keys: std::collections::BTreeSet<&String> = self.instances.keys().chain(next.instances.keys()).collect();
+        for key in keys {
+            let (old, new) = (
+                self.instances.get(key).unwrap_or(&empty),
+                next.instances.get(key).unwrap_or(&empty),
+            );
+            let obj = |id: &String, r: &Registered| Object::Instance {
+                service: key.clone(),
+                id: id.clone(),
+                instance: r.instance.clone(),
+            };
+            for (id, r) in new {
+                match old.get(id) {
+                    None => out.push((Kind::Added, obj(id, r))),
+                    Some(o) if o.instance != r.instance => out.push((Kind::Modified, obj(id, r))),
+                    Some(_) => {}
+                }
+            }
+            for (id, r) in old {
+                if !new.contains_key(id) {
+                    out.push((Kind::Deleted, obj(id, r)));
+                }
+            }
+        }
+        for (key, s) in &self.services {
+            if !next.services.contains_key(key) {
+                out.push((Kind::Deleted, Object::Service(s.clone())));
+            }
+        }
+        out
+    }
+
+    /// The instance events of a whole service's instances.
+    fn instance_events(&self, key: &str, kind: Kind) -> Vec<(Kind, Object)> {
+        self.instances
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|(id, r)| {
+                (
+                    kind,
+                    Object::Instance {
+                        service: key.to_string(),
+                        id: id.clone(),
+                        instance: r.instance.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 /// The registry behind the API.
@@ -252,7 +396,15 @@ impl ApiRegistry {
                     next.services.insert(k, rs.service);
                 }
                 let rev = next.revision;
-                *lock(&reg.inner) = next;
+                let mut inner = lock(&reg.inner);
+                let changes = inner.diff(&next);
+                next.log = std::mem::take(&mut inner.log);
+                next.floor = inner.floor;
+                *inner = next;
+                if !changes.is_empty() {
+                    inner.record(changes);
+                }
+                drop(inner);
                 reg.changed.send_replace(rev);
             };
             let on_down = |e: &crate::etcd::client::EtcdError, wait: Duration| {
@@ -441,6 +593,7 @@ impl ApiRegistry {
             "registrations loaded"
         );
         inner.revision = 1;
+        inner.floor = 1;
         Ok(Arc::new(ApiRegistry {
             inner: Mutex::new(inner),
             changed: tokio::sync::watch::channel(1).0,
@@ -462,10 +615,75 @@ impl ApiRegistry {
         self.changed.subscribe()
     }
 
-    fn bump(&self, inner: &mut Inner) -> u64 {
+    /// A new revision made of `changes`.
+    fn bump(&self, inner: &mut Inner, changes: Vec<(Kind, Object)>) -> u64 {
         inner.revision += 1;
+        inner.record(changes);
         self.changed.send_replace(inner.revision);
         inner.revision
+    }
+
+    /// The current state as ADDED events of the services `filter` keeps (by namespace and
+    /// name), and its revision.
+    pub fn state(&self, filter: impl Fn(&str, &str) -> bool) -> (u64, Vec<Event>) {
+        let inner = lock(&self.inner);
+        let revision = inner.revision;
+        let mut out = Vec::new();
+        for (key, s) in &inner.services {
+            if !filter(&s.namespace, &s.name) {
+                continue;
+            }
+            out.push(Event {
+                revision,
+                kind: Kind::Added,
+                object: Object::Service(s.clone()),
+            });
+            out.extend(
+                inner
+                    .instance_events(key, Kind::Added)
+                    .into_iter()
+                    .map(|(kind, object)| Event { revision, kind, object }),
+            );
+        }
+        (revision, out)
+    }
+
+    /// Up to `max` events after revision `after` (whole revisions, unless one revision alone
+    /// is larger) that `filter` keeps, and the revision they bring a watcher to.
+    pub fn events_after(
+        &self,
+        after: u64,
+        max: usize,
+        filter: impl Fn(&str, &str) -> bool,
+    ) -> Result<(Vec<Event>, u64), Compacted> {
+        let inner = lock(&self.inner);
+        if after < inner.floor || after > inner.revision {
+            return Err(Compacted {
+                oldest: inner.floor,
+                current: inner.revision,
+            });
+        }
+        let start = inner.log.partition_point(|e| e.revision <= after);
+        let mut out = Vec::new();
+        let (mut reached, mut taken, mut exhausted) = (after, 0, true);
+        for e in inner.log.range(start..) {
+            if e.revision != reached && taken >= max {
+                exhausted = false;
+                break;
+            }
+            reached = e.revision;
+            taken += 1;
+            let (ns, name) = e.object.service_key();
+            if filter(ns, name) {
+                out.push(e.clone());
+            }
+        }
+        // Revisions without events of their own (an etcd revision elsewhere in the keyspace)
+        // count as seen once every kept event is.
+        if exhausted {
+            reached = inner.revision;
+        }
+        Ok((out, reached))
     }
 
     /// What is registered, for the service model.
@@ -488,22 +706,80 @@ impl ApiRegistry {
         }
     }
 
+    /// Registers (or replaces) instance `id` of the service `key` in memory; `stored`, the
+    /// body to persist (None: ephemeral, not persisted). The revision, and whether it is new.
+    pub(crate) fn put_instance_mem(
+        &self,
+        key: &str,
+        id: &str,
+        instance: Instance,
+        ttl: Option<Duration>,
+        stored: Option<Value>,
+    ) -> (u64, bool) {
+        let mut inner = lock(&self.inner);
+        let m = inner.instances.entry(key.to_string()).or_default();
+        let old = m.insert(
+            id.to_string(),
+            Registered {
+                instance: instance.clone(),
+                ttl: ttl.map(|d| (d, Instant::now() + d)),
+                lease: 0,
+            },
+        );
+        let kind = if old.is_none() { Kind::Added } else { Kind::Modified };
+        let object = Object::Instance {
+            service: key.to_string(),
+            id: id.to_string(),
+            instance,
+        };
+        let revision = self.bump(&mut inner, vec![(kind, object)]);
+        let skey = format!("{key}/{id}");
+        self.persist(match stored {
+            Some(b) => crate::store::Op::PutInstance(skey, b.to_string()),
+            None => crate::store::Op::DeleteInstance(skey),
+        });
+        (revision, old.is_none())
+    }
+
+    /// Deregisters instance `id` of the service `key` held in memory; the revision, or None
+    /// when it is not registered.
+    pub(crate) fn delete_instance_mem(&self, key: &str, id: &str) -> Option<u64> {
+        let mut inner = lock(&self.inner);
+        let gone = inner.instances.get_mut(key).and_then(|m| m.remove(id))?;
+        let object = Object::Instance {
+            service: key.to_string(),
+            id: id.to_string(),
+            instance: gone.instance,
+        };
+        let revision = self.bump(&mut inner, vec![(Kind::Deleted, object)]);
+        self.persist(crate::store::Op::DeleteInstance(format!("{key}/{id}")));
+        Some(revision)
+    }
+
     /// Drops ephemeral instances whose TTL ran out; how many.
     pub fn expire(&self, now: Instant) -> usize {
         let mut inner = lock(&self.inner);
-        let mut n = 0;
+        let mut gone = Vec::new();
         for (svc, m) in inner.instances.iter_mut() {
             m.retain(|id, r| {
                 let alive = r.ttl.is_none_or(|(_, until)| until > now);
                 if !alive {
                     tracing::info!(service = %svc, instance = %id, "instance expired (no heartbeat within its ttl)");
-                    n += 1;
+                    gone.push((
+                        Kind::Deleted,
+                        Object::Instance {
+                            service: svc.clone(),
+                            id: id.clone(),
+                            instance: r.instance.clone(),
+                        },
+                    ));
                 }
                 alive
             });
         }
+        let n = gone.len();
         if n > 0 {
-            self.bump(&mut inner);
+            self.bump(&mut inner, gone);
         }
         n
     }
@@ -562,8 +838,11 @@ impl ApiRegistry {
                         let key = format!("{ns}/{name}");
                         let mut inner = lock(&self.inner);
                         let created = !inner.services.contains_key(&key);
-                        inner.services.insert(key.clone(), service);
-                        let revision = self.bump(&mut inner);
+                        let kind = match inner.services.insert(key.clone(), service.clone()) {
+                            None => Kind::Added,
+                            Some(_) => Kind::Modified,
+                        };
+                        let revision = self.bump(&mut inner, vec![(kind, Object::Service(service))]);
                         self.persist(crate::store::Op::PutService(key, b.to_string()));
                         let status = if created { StatusCode::CREATED } else { StatusCode::OK };
                         reply(status, &json!({"revision": revision}))
@@ -574,11 +853,13 @@ impl ApiRegistry {
             (&Method::DELETE, ["v1", "namespaces", ns, "services", name]) => {
                 let key = format!("{ns}/{name}");
                 let mut inner = lock(&self.inner);
-                if inner.services.remove(&key).is_none() {
+                let Some(service) = inner.services.remove(&key) else {
                     return error(StatusCode::NOT_FOUND, format!("service `{key}` is not registered"));
-                }
+                };
+                let mut changes = inner.instance_events(&key, Kind::Deleted);
+                changes.push((Kind::Deleted, Object::Service(service)));
                 inner.instances.remove(&key);
-                let revision = self.bump(&mut inner);
+                let revision = self.bump(&mut inner, changes);
                 self.persist(crate::store::Op::DeleteService(key));
                 reply(StatusCode::OK, &json!({"revision": revision}))
             }
@@ -632,24 +913,9 @@ impl ApiRegistry {
                 };
                 match instance_from(&service, &b, "request body", &format!("api:{id}")) {
                     Ok((instance, ttl, stored)) => {
-                        let mut inner = lock(&self.inner);
-                        let m = inner.instances.entry(key.clone()).or_default();
-                        let created = !m.contains_key(*id);
-                        m.insert(
-                            (*id).to_string(),
-                            Registered {
-                                instance,
-                                ttl: ttl.map(|d| (d, Instant::now() + d)),
-                                lease: 0,
-                            },
-                        );
-                        let revision = self.bump(&mut inner);
                         // Only instances without a TTL persist; ephemeral ones re-register.
-                        let skey = format!("{key}/{id}");
-                        self.persist(match ttl {
-                            None => crate::store::Op::PutInstance(skey, stored.to_string()),
-                            Some(_) => crate::store::Op::DeleteInstance(skey),
-                        });
+                        let stored = ttl.is_none().then_some(stored);
+                        let (revision, created) = self.put_instance_mem(&key, id, instance, ttl, stored);
                         let status = if created { StatusCode::CREATED } else { StatusCode::OK };
                         reply(status, &json!({"revision": revision}))
                     }
@@ -658,16 +924,13 @@ impl ApiRegistry {
             }
             (&Method::DELETE, ["v1", "namespaces", ns, "services", name, "instances", id]) => {
                 let key = format!("{ns}/{name}");
-                let mut inner = lock(&self.inner);
-                if inner.instances.get_mut(&key).and_then(|m| m.remove(*id)).is_none() {
-                    return error(
+                match self.delete_instance_mem(&key, id) {
+                    Some(revision) => reply(StatusCode::OK, &json!({"revision": revision})),
+                    None => error(
                         StatusCode::NOT_FOUND,
                         format!("instance `{id}` of `{key}` is not registered"),
-                    );
+                    ),
                 }
-                let revision = self.bump(&mut inner);
-                self.persist(crate::store::Op::DeleteInstance(format!("{key}/{id}")));
-                reply(StatusCode::OK, &json!({"revision": revision}))
             }
             (&Method::POST, ["v1", "namespaces", ns, "services", name, "instances", id, "heartbeat"]) => {
                 let key = format!("{ns}/{name}");
@@ -700,7 +963,12 @@ fn problems_reply(problems: &[crate::Problem]) -> Response<Full<Bytes>> {
     )
 }
 
-/// Serves the API on `listener` until the future is dropped.
+/// How often an HTTP/2 connection of the API is pinged, and how long a ping may go unanswered
+/// before the connection (and every session on it) is dropped.
+const PING: Duration = Duration::from_secs(10);
+
+/// Serves the API on `listener` until the future is dropped: REST over HTTP/1.1 or HTTP/2,
+/// and gRPC (`content-type: application/grpc`) over HTTP/2.
 pub async fn serve(listener: tokio::net::TcpListener, reg: Arc<ApiRegistry>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -709,13 +977,27 @@ pub async fn serve(listener: tokio::net::TcpListener, reg: Arc<ApiRegistry>) {
         };
         let reg = reg.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let reg = reg.clone();
-                async move { Ok::<_, std::convert::Infallible>(reg.handle(req).await) }
+                async move {
+                    let grpc = req
+                        .headers()
+                        .get(hyper::header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                    let resp = if grpc {
+                        grpc::handle(reg, req).map(http_body_util::Either::Right)
+                    } else {
+                        reg.handle(req).await.map(http_body_util::Either::Left)
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await;
+            let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            b.http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Some(PING))
+                .keep_alive_timeout(PING);
+            let _ = b.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
         });
     }
 }
@@ -723,6 +1005,123 @@ pub async fn serve(listener: tokio::net::TcpListener, reg: Arc<ApiRegistry>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service(name: &str) -> Service {
+        Service {
+            namespace: "ns".into(),
+            name: name.into(),
+            ports: Vec::new(),
+            labels: BTreeMap::new(),
+            source: "api".into(),
+        }
+    }
+
+    fn instance(weight: u32) -> Instance {
+        Instance {
+            address: std::net::IpAddr::from([10, 0, 0, 1]),
+            ports: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            weight,
+            healthy: true,
+            locality: None,
+            source: "api:x".into(),
+        }
+    }
+
+    fn kinds(events: &[Event]) -> Vec<(u64, Kind)> {
+        events.iter().map(|e| (e.revision, e.kind)).collect()
+    }
+
+    /// Every change is an event at the revision that made it; a watcher resumes from any kept
+    /// revision, and one too old or ahead is told so instead of missing events.
+    #[test]
+    fn the_event_log_replays_changes_after_a_revision() {
+        let reg = ApiRegistry::new();
+        lock(&reg.inner).services.insert("ns/a".into(), service("a"));
+        let (r1, _) = reg.put_instance_mem("ns/a", "i1", instance(1), None, None);
+        let (r2, created) = reg.put_instance_mem("ns/a", "i1", instance(2), None, None);
+        assert!(!created);
+        let r3 = reg.delete_instance_mem("ns/a", "i1").expect("registered");
+        assert_eq!(reg.delete_instance_mem("ns/a", "i1"), None);
+        let all = |_: &str, _: &str| true;
+        let (events, reached) = reg.events_after(0, 100, all).expect("kept");
+        assert_eq!(
+            kinds(&events),
+            [(r1, Kind::Added), (r2, Kind::Modified), (r3, Kind::Deleted)]
+        );
+        assert_eq!(reached, r3);
+        let (events, _) = reg.events_after(r1, 100, all).expect("kept");
+        assert_eq!(kinds(&events), [(r2, Kind::Modified), (r3, Kind::Deleted)]);
+        // A deletion carries what was deleted.
+        assert!(matches!(&events[1].object, Object::Instance { instance, .. } if instance.weight == 2));
+        // Batches end at a revision boundary and say how far they got.
+        let (events, reached) = reg.events_after(0, 1, all).expect("kept");
+        assert_eq!((events.len(), reached), (1, r1));
+        // Filtered out: no events, but the watcher still reaches the current revision.
+        let (events, reached) = reg.events_after(0, 100, |ns, _| ns == "other").expect("kept");
+        assert_eq!((events.len(), reached), (0, r3));
+        assert_eq!(
+            reg.events_after(r3 + 5, 100, all),
+            Err(Compacted { oldest: 0, current: r3 })
+        );
+        // Past the log's limit the oldest events go, and a watcher from before them is refused.
+        for i in 0..MAX_EVENTS {
+            reg.put_instance_mem("ns/a", "i2", instance(1 + (i % 100) as u32), None, None);
+        }
+        let floor = match reg.events_after(r1, 100, all) {
+            Err(c) => c.oldest,
+            Ok(_) => panic!("events from r1 are no longer kept"),
+        };
+        assert!(floor > r1);
+        assert!(reg.events_after(floor, 100, all).is_ok());
+        // The state is every service and instance, as ADDED at the current revision.
+        let (rev, state) = reg.state(all);
+        assert_eq!(kinds(&state), [(rev, Kind::Added), (rev, Kind::Added)]);
+    }
+
+    /// A whole new view (as the etcd store delivers) becomes the events between the two.
+    #[test]
+    fn a_new_view_becomes_the_events_between_the_two() {
+        let reg = |weights: &[(&str, u32)], services: &[&str]| {
+            let mut inner = Inner::default();
+            for s in services {
+                inner.services.insert(format!("ns/{s}"), service(s));
+            }
+            for (id, w) in weights {
+                inner.instances.entry("ns/a".into()).or_default().insert(
+                    (*id).to_string(),
+                    Registered {
+                        instance: instance(*w),
+                        ttl: None,
+                        lease: 0,
+                    },
+                );
+            }
+            inner
+        };
+        let old = reg(&[("i1", 1), ("i2", 1)], &["a", "b"]);
+        let new = reg(&[("i2", 3), ("i3", 1)], &["a", "c"]);
+        let got: Vec<(Kind, String)> = old
+            .diff(&new)
+            .into_iter()
+            .map(|(k, o)| {
+                let what = match o {
+                    Object::Service(s) => s.name,
+                    Object::Instance { id, .. } => id,
+                };
+                (k, what)
+            })
+            .collect();
+        let want = [
+            (Kind::Added, "c"),
+            (Kind::Modified, "i2"),
+            (Kind::Added, "i3"),
+            (Kind::Deleted, "i1"),
+            (Kind::Deleted, "b"),
+        ];
+        assert_eq!(got, want.map(|(k, w)| (k, w.to_string())));
+        assert!(old.diff(&reg(&[("i1", 1), ("i2", 1)], &["a", "b"])).is_empty());
+    }
 
     /// The OpenAPI document parses and describes exactly the routes `handle` serves.
     #[test]

@@ -1,11 +1,11 @@
 //! Pilot (issue 9): one service model ([`model`]) fed by registries (the file registry,
-//! [`file`]; the Open Service Registry REST API, [`api`], on an embedded redb [`store`] or on
+//! [`file`]; the Open Service Registry API, [`api`], REST and gRPC, on an embedded redb [`store`] or on
 //! [`etcd`]; and adapters behind [`registry::Adapter`]: [`zookeeper`] for Dubbo, [`etcd`]),
 //! Istio traffic configuration ([`istio`]), translated per group of sidecars ([`scope`],
 //! [`translate`], [`sidecar`], [`push`]) into Envoy resources served over ADS (state of the world
 //! and delta) from `tessera_xds::server`, with debounced pushes and metrics ([`run`]).
 //!
-//! Not built yet: the registry API's gRPC part, Consul/Nacos/Eureka/SOFARegistry/Kubernetes
+//! Not built yet: Consul/Nacos/Eureka/SOFARegistry/Kubernetes
 //! adapters, outbound TCP and Bolt listeners, workload certificates (docs/pilot.md).
 
 pub mod api;

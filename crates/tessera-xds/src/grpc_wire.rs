@@ -8,6 +8,9 @@
 //! followed by the resources' field encodings, each a shared `Bytes` slice of one buffer built
 //! once per snapshot. The HTTP/2 layer sends those slices as they are: a stream costs reference
 //! counts, not copies.
+//!
+//! The framing half (`Reader`, `message`, `whole`, `trailers`) is public: Pilot's registry API
+//! serves its gRPC streams with it too.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::google::protobuf::Any;
@@ -15,7 +18,7 @@ use http_body_util::BodyExt;
 use prost::Message;
 
 /// The longest request accepted (as tonic's limit on the server before).
-pub(crate) const MAX_REQUEST: usize = 64 << 20;
+pub const MAX_REQUEST: usize = 64 << 20;
 
 fn varint_len(mut v: u64) -> usize {
     let mut n = 1;
@@ -94,7 +97,7 @@ pub(crate) fn delta_fields(resources: &[(&str, String, &Any)]) -> Vec<Bytes> {
 }
 
 /// One gRPC message as chunks: the 5-byte prefix with the header, then the shared parts.
-pub(crate) fn message(header: &[u8], parts: Vec<Bytes>) -> Vec<Bytes> {
+pub fn message(header: &[u8], parts: Vec<Bytes>) -> Vec<Bytes> {
     let len = header.len() + parts.iter().map(Bytes::len).sum::<usize>();
     let mut head = BytesMut::with_capacity(5 + header.len());
     head.put_u8(0);
@@ -107,13 +110,13 @@ pub(crate) fn message(header: &[u8], parts: Vec<Bytes>) -> Vec<Bytes> {
 }
 
 /// A whole message encoded at once (small responses, raw test responses).
-pub(crate) fn whole<M: Message>(m: &M) -> Vec<Bytes> {
+pub fn whole<M: Message>(m: &M) -> Vec<Bytes> {
     message(&m.encode_to_vec(), Vec::new())
 }
 
 /// Why a request stream ended.
 #[derive(Debug)]
-pub(crate) enum ReadEnd {
+pub enum ReadEnd {
     /// The client half-closed or the connection went.
     Closed,
     /// A message that is not the expected protobuf, compressed, or too long.
@@ -121,14 +124,15 @@ pub(crate) enum ReadEnd {
 }
 
 /// Reads gRPC messages of type `M` from a request body.
-pub(crate) struct Reader<M> {
+pub struct Reader<M> {
     body: hyper::body::Incoming,
     buf: BytesMut,
     _m: std::marker::PhantomData<M>,
 }
 
 impl<M: Message + Default> Reader<M> {
-    pub(crate) fn new(body: hyper::body::Incoming) -> Self {
+    /// Reads from `body`, a gRPC request stream.
+    pub fn new(body: hyper::body::Incoming) -> Self {
         Reader {
             body,
             buf: BytesMut::new(),
@@ -137,7 +141,7 @@ impl<M: Message + Default> Reader<M> {
     }
 
     /// The next message.
-    pub(crate) async fn next(&mut self) -> Result<M, ReadEnd> {
+    pub async fn next(&mut self) -> Result<M, ReadEnd> {
         loop {
             if self.buf.len() >= 5 {
                 let compressed = self.buf[0];
@@ -177,7 +181,7 @@ impl<M: Message + Default> Reader<M> {
 }
 
 /// Trailers that end a response: `grpc-status` and, when not OK, `grpc-message`.
-pub(crate) fn trailers(status: u8, message: &str) -> http::HeaderMap {
+pub fn trailers(status: u8, message: &str) -> http::HeaderMap {
     let mut t = http::HeaderMap::new();
     t.insert("grpc-status", http::HeaderValue::from(u16::from(status)));
     if !message.is_empty()

@@ -13,7 +13,7 @@ pub mod ads;
 pub mod bootstrap;
 pub mod cluster;
 mod dubbo;
-mod grpc_wire;
+pub mod grpc_wire;
 mod http_filters;
 pub mod listener;
 pub mod load;

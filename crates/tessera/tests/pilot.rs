@@ -7,6 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::registry::*;
 use common::*;
 
 const T: Duration = Duration::from_secs(30);
@@ -162,19 +163,6 @@ fn the_example_pilot_config_and_services_load() {
     }
 }
 
-fn api(method: &str, url: &str, body: Option<&str>) -> (u16, serde_json::Value) {
-    let mut args = vec!["-s", "-w", "\n%{http_code}", "-X", method, url];
-    if let Some(b) = body {
-        args.extend(["-H", "content-type: application/json", "-d", b]);
-    }
-    let out = curl_ok(&args);
-    let (body, code) = out.rsplit_once('\n').unwrap();
-    (
-        code.parse().unwrap(),
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
-}
-
 /// The Open Service Registry REST API: a service and instances registered with curl reach the
 /// sidecar; a watch returns on change; a bad body is a 400 naming the field; an instance
 /// heart-beaten lives past its TTL and one left alone expires.
@@ -269,6 +257,184 @@ fn instances_registered_through_the_api_reach_the_sidecar_and_expire() {
     wait_until("only two answers", || who(out, 6).iter().all(|w| w == "two"));
     let (code, _) = api("POST", &format!("{base}/instances/i1/heartbeat"), None);
     assert_eq!(code, 404, "an expired instance must register again");
+}
+
+fn instance_line(id: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"{{"namespace": "shop", "service": "reviews", "id": "{id}", "address": "127.0.0.1", "port": {port}{extra}}}"#
+    )
+}
+
+/// The Open Service Registry API's gRPC part, called by grpcio through stubs that grpcio-tools
+/// generates from our proto: a watch from 0 gets the state then every change, with revisions;
+/// a watch resumed from a revision gets exactly the changes after it; an instance registered by
+/// a session reaches the sidecar and is deregistered when the session ends — closed by the
+/// client, its process killed, or its process frozen (HTTP/2 pings go unanswered); bad
+/// requests end the stream with a status naming the field.
+#[test]
+fn the_registry_grpc_api_streams_events_and_ties_instances_to_sessions() {
+    use std::io::Write;
+    let py = python_grpc_tools();
+    let (_one, one) = sample_service("one");
+    let (_two, two) = sample_service("two");
+    let dir = TempDir::new("pilot-grpc-api");
+    let out = free_port();
+    let cfg = dir.write(
+        "pilot.yaml",
+        &format!("xds: {{ listen: \"127.0.0.1:0\" }}\nregistries: {{ api: {{ listen: \"127.0.0.1:0\" }} }}\npush: {{ debounce: 50ms }}\nsidecar: {{ outbound_http: \"127.0.0.1:{out}\" }}\n"),
+    );
+    let pilot = Proc::tessera(&["pilot", "--config", cfg.to_str().unwrap()]);
+    let xds = pilot.logged_addr("pilot ready", T);
+    let reg = pilot.logged_addr("pilot registry API ready", T);
+    let base = format!("http://{reg}/v1/namespaces/shop/services/reviews");
+    let (code, _) = api(
+        "PUT",
+        &base,
+        Some(r#"{"ports": [{"name": "http", "port": 9080, "protocol": "http"}]}"#),
+    );
+    assert_eq!(code, 201);
+    let boot = dir.write(
+        "sidecar.yaml",
+        &bootstrap(xds, "sidecar~127.0.0.1~web-1.shop~shop.svc.cluster.local"),
+    );
+    let _sidecar = Proc::tessera(&["sidecar", "--envoy-bootstrap", boot.to_str().unwrap()]);
+
+    // A watch from 0: the state (the service), marked initial and synced.
+    let watch = registry_client(&py, &["watch", &reg.to_string(), "", "0"]);
+    wait_until("the initial state", || {
+        printed(&watch).iter().any(|r| r["synced"] == true)
+    });
+    let first = &printed(&watch)[0];
+    assert_eq!(first["initial"], true, "{first}");
+    let ev = &first["events"][0];
+    assert_eq!(
+        (ev["type"].as_str(), ev["kind"].as_str(), ev["name"].as_str()),
+        (Some("ADDED"), Some("service"), Some("reviews")),
+        "{first}"
+    );
+    // A watch of another namespace has an empty state.
+    let other = registry_client(&py, &["watch", &reg.to_string(), "other", "0"]);
+    wait_until("the other namespace's state", || {
+        printed(&other).iter().any(|r| r["synced"] == true)
+    });
+    assert_eq!(printed(&other)[0]["events"], serde_json::json!([]));
+
+    // A session registers i1: the sidecar routes to it, the watch sees it added.
+    let mut s1 = registry_client(&py, &["session", &reg.to_string()]);
+    let mut s1_in = s1.child.stdin.take().unwrap();
+    writeln!(s1_in, "{}", instance_line("i1", one.port(), "")).unwrap();
+    wait_until("the session's first answer", || {
+        printed(&s1).iter().any(|r| r["revision"].is_u64())
+    });
+    let added_at = printed(&s1)[0]["revision"].as_u64().unwrap();
+    let added = wait_event(&watch, "ADDED", "i1");
+    assert_eq!(added["revision"].as_u64(), Some(added_at), "{added}");
+    assert_eq!(added["initial"], false);
+    assert_eq!(added["ports"]["http"].as_u64(), Some(u64::from(one.port())), "{added}");
+    assert_eq!(added["source"], "api:i1");
+    wait_until("the sidecar routes to the session's instance", || {
+        who(out, 1) == ["one"]
+    });
+    let (_, listed) = api("GET", &format!("{base}/instances"), None);
+    assert_eq!(listed["instances"][0]["id"], "i1", "{listed}");
+
+    // The session replaces its instance: MODIFIED, with the new fields.
+    writeln!(
+        s1_in,
+        "{}",
+        instance_line("i1", one.port(), r#", "weight": 7, "labels": {"v": "2"}"#)
+    )
+    .unwrap();
+    let modified = wait_event(&watch, "MODIFIED", "i1");
+    assert_eq!(
+        (modified["weight"].as_u64(), modified["labels"]["v"].as_str()),
+        (Some(7), Some("2"))
+    );
+    assert!(modified["revision"].as_u64() > Some(added_at));
+
+    // The client ends the session: the instance is deregistered.
+    drop(s1_in);
+    s1.wait(T);
+    assert_eq!(printed(&s1).last().unwrap()["end"], "OK", "{}", s1.log());
+    let deleted = wait_event(&watch, "DELETED", "i1");
+    wait_until("the sidecar stops routing to it", || who(out, 1) == ["-"]);
+
+    // A watch resumed from the ADDED revision gets exactly what came after it.
+    let resumed = registry_client(&py, &["watch", &reg.to_string(), "", &added_at.to_string()]);
+    wait_event(&resumed, "DELETED", "i1");
+    let kinds: Vec<(String, u64)> = watched(&resumed)
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap().to_string(), e["revision"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("MODIFIED".to_string(), modified["revision"].as_u64().unwrap()),
+            ("DELETED".to_string(), deleted["revision"].as_u64().unwrap())
+        ]
+    );
+
+    // A session whose client is killed: its instance goes with the connection.
+    let mut s2 = registry_client(&py, &["session", &reg.to_string()]);
+    let mut s2_in = s2.child.stdin.take().unwrap();
+    writeln!(s2_in, "{}", instance_line("i2", two.port(), "")).unwrap();
+    wait_until("the sidecar routes to i2", || who(out, 1) == ["two"]);
+    s2.signal("KILL");
+    wait_event(&watch, "DELETED", "i2");
+    let _ = s2.wait(T);
+
+    // A session whose client freezes (SIGSTOP: the socket stays open, pings go unanswered)
+    // loses its instance within the ping interval and timeout (10 s + 10 s).
+    let s3 = registry_client(&py, &["session", &reg.to_string()]);
+    let mut s3_in = s3.child.stdin.as_ref().unwrap();
+    writeln!(s3_in, "{}", instance_line("i3", two.port(), "")).unwrap();
+    wait_event(&watch, "ADDED", "i3");
+    s3.signal("STOP");
+    let frozen = std::time::Instant::now();
+    wait_event(&watch, "DELETED", "i3");
+    assert!(frozen.elapsed() < Duration::from_secs(35), "{:?}", frozen.elapsed());
+    s3.signal("KILL");
+
+    // Bad requests: a status naming the field, and nothing left registered.
+    let bad = session_once(&py, reg, &[instance_line("b1", one.port(), r#", "weight": 500"#)]);
+    assert_eq!(bad.last().unwrap()["end"], "INVALID_ARGUMENT", "{bad:?}");
+    assert!(
+        bad.last().unwrap()["details"]
+            .as_str()
+            .unwrap()
+            .contains("instance.weight: a weight from 1 to 128"),
+        "{bad:?}"
+    );
+    let line = instance_line("b2", one.port(), "").replace("reviews", "nope");
+    let bad = session_once(&py, reg, &[line]);
+    assert_eq!(bad.last().unwrap()["end"], "NOT_FOUND", "{bad:?}");
+    let bad = session_once(
+        &py,
+        reg,
+        &[instance_line("b3", one.port(), ""), instance_line("b4", one.port(), "")],
+    );
+    assert_eq!(bad[0]["revision"].as_u64().map(|r| r > 0), Some(true), "{bad:?}");
+    assert_eq!(bad.last().unwrap()["end"], "INVALID_ARGUMENT", "{bad:?}");
+    assert!(
+        bad.last().unwrap()["details"]
+            .as_str()
+            .unwrap()
+            .contains("a session holds one instance"),
+        "{bad:?}"
+    );
+    wait_event(&watch, "DELETED", "b3");
+    let (_, listed) = api("GET", &format!("{base}/instances"), None);
+    assert_eq!(listed["instances"], serde_json::json!([]), "{listed}");
+    let mut ahead = registry_client(&py, &["watch", &reg.to_string(), "", "1000000"]);
+    ahead.wait(T);
+    let end = printed(&ahead);
+    assert_eq!(end.last().unwrap()["end"], "OUT_OF_RANGE", "{end:?}");
+    // No event was sent twice, and revisions never went back.
+    let revs: Vec<u64> = watched(&watch)
+        .iter()
+        .map(|e| e["revision"].as_u64().unwrap())
+        .collect();
+    assert!(revs.windows(2).all(|w| w[0] <= w[1]), "{revs:?}");
 }
 
 /// With `store: { path }`, services and TTL-less instances registered through the API survive a

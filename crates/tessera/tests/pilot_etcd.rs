@@ -7,15 +7,19 @@
 //! - a 3-member cluster: the leader dies, Pilot keeps serving and follows a change through a
 //!   surviving member;
 //! - the shared store: two Pilots on one etcd; what is registered through A's REST API is
-//!   served by B, and an ephemeral instance whose lease lapses leaves both.
+//!   served by B, and an ephemeral instance whose lease lapses leaves both; an instance held
+//!   by a gRPC session through A outlives its lease's TTL, shows in B's gRPC watch, and leaves
+//!   when the session ends.
 
 mod common;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::registry::*;
 use common::*;
 use serde_json::{Value, json};
 
@@ -404,19 +408,6 @@ fn pilot_follows_a_three_member_cluster_through_a_leader_kill() {
     );
 }
 
-fn api(method: &str, url: &str, body: Option<&str>) -> (u16, Value) {
-    let mut args = vec!["-s", "-w", "\n%{http_code}", "-X", method, url];
-    if let Some(b) = body {
-        args.extend(["-H", "content-type: application/json", "-d", b]);
-    }
-    let out = curl_ok(&args);
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        code.parse().unwrap_or(0),
-        serde_json::from_str(body).unwrap_or(Value::Null),
-    )
-}
-
 fn ids(listed: &Value) -> Vec<String> {
     let mut v: Vec<String> = listed["instances"]
         .as_array()
@@ -506,6 +497,31 @@ fn two_pilots_share_registrations_through_the_etcd_store() {
     }
     let (code, _) = api("POST", &format!("{base_a}/instances/two/heartbeat"), None);
     assert_eq!(code, 404, "a lapsed instance must register again");
+
+    // The registry's gRPC API on the etcd store: B's watch sees what a session on A registers;
+    // the session's lease outlives its TTL while the stream lives, and the instance leaves
+    // every replica when the session ends.
+    let py = python_grpc_tools();
+    let watch_b = registry_client(&py, &["watch", &b_api.to_string(), "shop", "0"]);
+    let mut session = registry_client(&py, &["session", &a_api.to_string()]);
+    let mut session_in = session.child.stdin.take().unwrap();
+    writeln!(
+        session_in,
+        r#"{{"namespace": "shop", "service": "reviews", "id": "s1", "address": "127.0.0.1", "port": {}}}"#,
+        two.port()
+    )
+    .unwrap();
+    let added = wait_event(&watch_b, "ADDED", "s1");
+    assert_eq!(added["initial"], false, "{added}");
+    wait_who(out_b, &["one", "two"], "the session's instance reaches B", &b);
+    // Past the session lease's 10 s TTL: still there, renewed by the stream.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(ids(&api("GET", &format!("{base_b}/instances"), None).1), ["one", "s1"]);
+    drop(session_in);
+    session.wait(T);
+    assert!(session.log().contains(r#""end": "OK""#), "{}", session.log());
+    wait_event(&watch_b, "DELETED", "s1");
+    wait_who(out_b, &["one"], "the ended session's instance leaves B", &b);
 
     // A service deleted through B goes with its instances, everywhere.
     assert_eq!(api("DELETE", &base_b, None).0, 200);

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod registry;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tessera")
 }
@@ -447,4 +449,19 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// One call of Pilot's registry REST API with curl: the status and the JSON body (Null when
+/// it is not JSON).
+pub fn api(method: &str, url: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let mut args = vec!["-s", "-w", "\n%{http_code}", "-X", method, url];
+    if let Some(b) = body {
+        args.extend(["-H", "content-type: application/json", "-d", b]);
+    }
+    let out = curl_ok(&args);
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
 }
