@@ -429,6 +429,39 @@ fn the_registry_grpc_api_streams_events_and_ties_instances_to_sessions() {
     ahead.wait(T);
     let end = printed(&ahead);
     assert_eq!(end.last().unwrap()["end"], "OUT_OF_RANGE", "{end:?}");
+    // Malformed and unknown gRPC requests (sent with curl) end with a status; the server
+    // keeps serving.
+    let junk = dir.path("junk.bin");
+    std::fs::write(&junk, [0u8, 0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    let grpc_curl = |method: &str| {
+        let out = curl(&[
+            "-s",
+            "--http2-prior-knowledge",
+            "-H",
+            "content-type: application/grpc",
+            "--data-binary",
+            &format!("@{}", junk.display()),
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            &format!("http://{reg}/tessera.registry.v1.Registry/{method}"),
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let got = grpc_curl("Watch");
+    assert!(
+        got.contains("grpc-status: 3") && got.contains("undecodable request"),
+        "{got}"
+    );
+    let got = grpc_curl("Session");
+    assert!(got.contains("grpc-status: 3"), "{got}");
+    let got = grpc_curl("Nope");
+    assert!(
+        got.contains("grpc-status: 12") && got.contains("unknown method"),
+        "{got}"
+    );
+    assert_eq!(api("GET", &format!("{base}/instances"), None).0, 200);
     // No event was sent twice, and revisions never went back.
     let revs: Vec<u64> = watched(&watch)
         .iter()
