@@ -9,8 +9,8 @@
 //! once per snapshot. The HTTP/2 layer sends those slices as they are: a stream costs reference
 //! counts, not copies.
 //!
-//! The framing half (`Reader`, `message`, `whole`, `trailers`) is public: Pilot's registry API
-//! serves its gRPC streams with it too.
+//! The framing half (`Reader`, `message`, `whole`, `trailers`, `body`, `send`, `end`) is
+//! public: Pilot's registry API serves its gRPC streams with it too.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::google::protobuf::Any;
@@ -43,9 +43,34 @@ fn put_len_field(out: &mut BytesMut, field: u32, payload_len: usize) {
     put_varint(out, payload_len as u64);
 }
 
+/// Where one resource's encoding is in its snapshot's buffer.
+pub(crate) type Span = (usize, usize);
+
+/// The slices of `all` at `spans`, adjacent spans merged: a push of many resources that sit
+/// side by side in the snapshot's buffer (name order, as streams ask for them) goes out as a few
+/// large chunks, one HTTP/2 frame-queue entry and one write each, not one per resource.
+pub(crate) fn runs(all: &Bytes, spans: impl IntoIterator<Item = Span>) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut cur: Option<Span> = None;
+    for (s, e) in spans {
+        match &mut cur {
+            Some((_, ce)) if *ce == s => *ce = e,
+            _ => {
+                if let Some((a, b)) = cur.replace((s, e)) {
+                    out.push(all.slice(a..b));
+                }
+            }
+        }
+    }
+    if let Some((a, b)) = cur {
+        out.push(all.slice(a..b));
+    }
+    out
+}
+
 /// Field 2 of `DiscoveryResponse` (`repeated Any resources`) for each resource, in one buffer;
-/// returns the buffer and each resource's slice of it.
-pub(crate) fn sotw_fields(resources: &[&Any]) -> (Bytes, Vec<Bytes>) {
+/// returns the buffer and each resource's span of it.
+pub(crate) fn sotw_fields(resources: &[&Any]) -> (Bytes, Vec<Span>) {
     let mut buf = BytesMut::new();
     let mut spans = Vec::with_capacity(resources.len());
     for a in resources {
@@ -57,14 +82,12 @@ pub(crate) fn sotw_fields(resources: &[&Any]) -> (Bytes, Vec<Bytes>) {
         let _ = a.encode(&mut buf);
         spans.push((start, buf.len()));
     }
-    let all = buf.freeze();
-    let slices = spans.into_iter().map(|(s, e)| all.slice(s..e)).collect();
-    (all, slices)
+    (buf.freeze(), spans)
 }
 
 /// Field 2 of `DeltaDiscoveryResponse` (`repeated Resource resources`) for each
-/// `(name, version, resource)`, in one buffer; returns each one's slice.
-pub(crate) fn delta_fields(resources: &[(&str, String, &Any)]) -> Vec<Bytes> {
+/// `(name, version, resource)`, in one buffer; returns the buffer and each one's span of it.
+pub(crate) fn delta_fields(resources: &[(&str, String, &Any)]) -> (Bytes, Vec<Span>) {
     use envoy_types::pb::envoy::service::discovery::v3::Resource;
     let mut buf = BytesMut::new();
     let mut spans = Vec::with_capacity(resources.len());
@@ -92,8 +115,7 @@ pub(crate) fn delta_fields(resources: &[(&str, String, &Any)]) -> Vec<Bytes> {
         spans.push((start, buf.len()));
         debug_assert!(Resource::decode(&buf[start + 1 + varint_len(body_len as u64)..]).is_ok());
     }
-    let all = buf.freeze();
-    spans.into_iter().map(|(s, e)| all.slice(s..e)).collect()
+    (buf.freeze(), spans)
 }
 
 /// One gRPC message as chunks: the 5-byte prefix with the header, then the shared parts.
@@ -157,8 +179,9 @@ impl<M: Message + Default> Reader<M> {
                 if self.buf.len() >= 5 + len {
                     let _ = self.buf.split_to(5);
                     let msg = self.buf.split_to(len);
-                    // A stream lives long and its big requests are rare: do not keep their buffer.
-                    if self.buf.is_empty() && self.buf.capacity() > 16 * 1024 {
+                    // A stream lives long and its big requests are rare: do not keep their
+                    // buffer (what is left of it after the split still holds the allocation).
+                    if self.buf.is_empty() && len > 16 * 1024 {
                         self.buf = BytesMut::new();
                     }
                     return M::decode(msg.freeze()).map_err(|e| ReadEnd::Bad(format!("undecodable request: {e}")));
@@ -178,6 +201,68 @@ impl<M: Message + Default> Reader<M> {
             }
         }
     }
+}
+
+/// What a stream's task hands the HTTP/2 layer: one gRPC message's chunks, or the trailers
+/// that end the response.
+pub enum Msg {
+    /// One message, as chunks (shared slices).
+    Data(Vec<Bytes>),
+    /// The status trailers.
+    End(Box<http::HeaderMap>),
+}
+
+/// A gRPC response body fed by a task a message at a time. A queue slot is a `Msg` (32 bytes)
+/// and a message is one slot however many chunks it has, so a thousand idle streams keep small
+/// queues; the chunks become HTTP/2 data frames as the connection takes them.
+pub struct MsgBody {
+    rx: tokio::sync::mpsc::Receiver<Msg>,
+    pending: std::vec::IntoIter<Bytes>,
+}
+
+/// A response body and the sender that feeds it, `depth` messages deep.
+pub fn body(depth: usize) -> (tokio::sync::mpsc::Sender<Msg>, MsgBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel(depth);
+    (
+        tx,
+        MsgBody {
+            rx,
+            pending: Vec::new().into_iter(),
+        },
+    )
+}
+
+impl hyper::body::Body for MsgBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        loop {
+            if let Some(b) = self.pending.next() {
+                return Poll::Ready(Some(Ok(hyper::body::Frame::data(b))));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Msg::Data(chunks))) => self.pending = chunks.into_iter(),
+                Poll::Ready(Some(Msg::End(t))) => return Poll::Ready(Some(Ok(hyper::body::Frame::trailers(*t)))),
+            }
+        }
+    }
+}
+
+/// Sends one message's chunks; false when the client is gone.
+pub async fn send(tx: &tokio::sync::mpsc::Sender<Msg>, chunks: Vec<Bytes>) -> bool {
+    tx.send(Msg::Data(chunks)).await.is_ok()
+}
+
+/// Ends the response with `status` (0: OK) and `message`.
+pub async fn end(tx: &tokio::sync::mpsc::Sender<Msg>, status: u8, message: &str) {
+    let _ = tx.send(Msg::End(Box::new(trailers(status, message)))).await;
 }
 
 /// Trailers that end a response: `grpc-status` and, when not OK, `grpc-message`.
@@ -211,7 +296,11 @@ mod tests {
             type_url: "type.googleapis.com/y".into(),
             value: vec![1, 2, 3],
         };
-        let (_, slices) = sotw_fields(&[&a, &b]);
+        let (all, spans) = sotw_fields(&[&a, &b]);
+        // Adjacent spans become one run; apart, one each.
+        assert_eq!(runs(&all, spans.clone()).len(), 1);
+        assert_eq!(runs(&all, [spans[1], spans[0]]).len(), 2);
+        let slices = runs(&all, spans);
         let header = DiscoveryResponse {
             version_info: "3".into(),
             type_url: "t".into(),
@@ -227,7 +316,8 @@ mod tests {
         assert_eq!((r.version_info.as_str(), r.nonce.as_str()), ("3", "n1"));
         assert_eq!(r.resources, [a.clone(), b.clone()]);
 
-        let parts = delta_fields(&[("a", "v1".into(), &a), ("b", "v2".into(), &b)]);
+        let (all, spans) = delta_fields(&[("a", "v1".into(), &a), ("b", "v2".into(), &b)]);
+        let parts = runs(&all, spans);
         let header = DeltaDiscoveryResponse {
             system_version_info: "3".into(),
             type_url: "t".into(),

@@ -29,7 +29,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 
 pub use crate::ads::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
@@ -96,20 +95,23 @@ struct Snap {
     /// thousand names hold pointers, not copies.
     resources: BTreeMap<Arc<str>, Res>,
     /// Every resource's state-of-the-world encoding, in name order: what a wildcard stream is
-    /// sent, shared.
+    /// sent, shared. Pushes of a part are slices of it (`grpc_wire::runs`).
     all_sotw: Bytes,
+    /// Every resource's delta encoding, in name order.
+    all_delta: Bytes,
     /// The version this one replaced, and the names added, changed or removed since: a stream
     /// that holds `prev` looks at these alone.
     prev: String,
     changed: BTreeSet<Arc<str>>,
 }
 
-/// One resource of a snapshot: its content hash (the delta version) and its encodings as a field
-/// of a state-of-the-world and of a delta response, built once and shared by every stream.
+/// One resource of a snapshot: its content hash (the delta version) and where its encodings as a
+/// field of a state-of-the-world and of a delta response are in the snapshot's buffers (built
+/// once, shared by every stream).
 struct Res {
     hash: u64,
-    sotw: Bytes,
-    delta: Bytes,
+    sotw: crate::grpc_wire::Span,
+    delta: crate::grpc_wire::Span,
 }
 
 impl Snap {
@@ -128,7 +130,7 @@ impl Snap {
         let list: Vec<&Any> = named.values().collect();
         let (all_sotw, sotw) = crate::grpc_wire::sotw_fields(&list);
         let hashes: Vec<u64> = list.iter().map(|a| hash_of(a)).collect();
-        let delta = crate::grpc_wire::delta_fields(
+        let (all_delta, delta) = crate::grpc_wire::delta_fields(
             &named
                 .iter()
                 .zip(&hashes)
@@ -157,6 +159,7 @@ impl Snap {
             version: version.to_string(),
             resources,
             all_sotw,
+            all_delta,
             prev,
             changed,
         }
@@ -252,7 +255,13 @@ struct Shared {
     syncz: Mutex<BTreeMap<u64, StreamSync>>,
     /// Delta: the system version each response nonce carried, so an ACK can be logged with it.
     delta_versions: Mutex<HashMap<String, String>>,
+    /// State-of-the-world subscriptions, shared: a thousand sidecars asking for the same
+    /// thousand names hold one list. By type, hash of the names as sent, and count.
+    sub_lists: Mutex<HashMap<(String, u64, usize), SharedList>>,
 }
+
+/// A subscription's names, shared by the streams that hold it.
+type SharedList = std::sync::Weak<[Arc<str>]>;
 
 /// What `/debug/syncz` shows of one stream.
 #[derive(Debug, Clone, Default)]
@@ -318,6 +327,25 @@ impl Shared {
     }
 
     /// The stream's group, resolved from its node on its first request.
+    /// The shared list equal to `names` (sorted, deduplicated; sent with hash `hash`), or
+    /// `names` made the shared one.
+    fn shared_list(&self, type_url: &str, hash: u64, names: Vec<Arc<str>>) -> Arc<[Arc<str>]> {
+        let key = (type_url.to_string(), hash, names.len());
+        let mut lists = lock(&self.sub_lists);
+        if let Some(l) = lists.get(&key).and_then(std::sync::Weak::upgrade)
+            && *l == *names
+        {
+            return l;
+        }
+        let l: Arc<[Arc<str>]> = names.into();
+        // Lists no stream holds any more are dropped as the table doubles.
+        if lists.len() >= 64 && lists.len().is_power_of_two() {
+            lists.retain(|_, w| w.strong_count() > 0);
+        }
+        lists.insert(key, Arc::downgrade(&l));
+        l
+    }
+
     fn join_group(&self, stream: u64, node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> String {
         let scoper = lock(&self.scoper).clone();
         let g = scoper.map(|f| f(node)).unwrap_or_default();
@@ -460,7 +488,8 @@ struct SotwSent {
 /// redo), and a generation that changes when the names do.
 #[derive(Default)]
 struct SotwSub {
-    names: Vec<Arc<str>>,
+    /// Shared by the streams that ask for the same names (`Shared::shared_list`).
+    names: Arc<[Arc<str>]>,
     raw_hash: u64,
     raw_len: usize,
     generation: u64,
@@ -472,18 +501,8 @@ fn names_hash(names: &[String]) -> u64 {
     h.finish()
 }
 
-type Chunk = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
-type Out = mpsc::Sender<Chunk>;
-
-/// Sends one gRPC message's chunks; false when the client is gone.
-async fn send(tx: &Out, chunks: Vec<Bytes>) -> bool {
-    for c in chunks {
-        if tx.send(Ok(hyper::body::Frame::data(c))).await.is_err() {
-            return false;
-        }
-    }
-    true
-}
+type Out = mpsc::Sender<crate::grpc_wire::Msg>;
+use crate::grpc_wire::send;
 
 /// Ends the response with the status trailers.
 async fn finish(tx: &Out, end: Option<crate::grpc_wire::ReadEnd>) {
@@ -494,7 +513,7 @@ async fn finish(tx: &Out, end: Option<crate::grpc_wire::ReadEnd>) {
         }
         _ => crate::grpc_wire::trailers(0, ""),
     };
-    let _ = tx.send(Ok(hyper::body::Frame::trailers(t))).await;
+    let _ = tx.send(crate::grpc_wire::Msg::End(Box::new(t))).await;
 }
 
 /// One state-of-the-world stream.
@@ -540,7 +559,7 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
                             .collect();
                         names.sort();
                         names.dedup();
-                        sub.names = names;
+                        sub.names = sh.shared_list(&r.type_url, raw_hash, names);
                         sub.raw_hash = raw_hash;
                         sub.generation += 1;
                     }
@@ -567,7 +586,7 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
             };
             let (names, generation) = subs
                 .get(&t)
-                .map(|s| (s.names.as_slice(), s.generation))
+                .map(|s| (&*s.names, s.generation))
                 .unwrap_or((&[], 0));
             // Empty names (or `*`) ask for everything; a client that names listeners or clusters
             // (gRPC's xDS client does) gets those alone.
@@ -577,7 +596,7 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
             // responses"), as Istio sends incremental EDS: a stream that holds the previous
             // version and asks for the same names gets the changed ones it asked for, and
             // nothing at all when none of them changed.
-            let mut only: Option<Vec<Bytes>> = None;
+            let mut only: Option<Vec<crate::grpc_wire::Span>> = None;
             if let Some(l) = sent.get_mut(&t)
                 && l.generation == generation
             {
@@ -585,12 +604,12 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
                     continue;
                 }
                 if !wildcard && l.version == snap.prev {
-                    let hit: Vec<Bytes> = snap
+                    let hit: Vec<crate::grpc_wire::Span> = snap
                         .changed
                         .iter()
                         .filter(|n| names.binary_search(n).is_ok())
                         .filter_map(|n| snap.resources.get(n))
-                        .map(|r| r.sotw.clone())
+                        .map(|r| r.sotw)
                         .collect();
                     if hit.is_empty() {
                         l.version.clone_from(&snap.version);
@@ -601,17 +620,14 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
             }
             let (parts, count) = if let Some(p) = only {
                 let n = p.len();
-                (p, n)
+                (crate::grpc_wire::runs(&snap.all_sotw, p), n)
             } else if wildcard {
                 (vec![snap.all_sotw.clone()], snap.resources.len())
             } else {
-                let p: Vec<Bytes> = names
-                    .iter()
-                    .filter_map(|n| snap.resources.get(n))
-                    .map(|r| r.sotw.clone())
-                    .collect();
+                let p: Vec<crate::grpc_wire::Span> =
+                    names.iter().filter_map(|n| snap.resources.get(n)).map(|r| r.sotw).collect();
                 let n = p.len();
-                (p, n)
+                (crate::grpc_wire::runs(&snap.all_sotw, p), n)
             };
             let nonce = sh.next_nonce();
             let header = DiscoveryResponse {
@@ -747,7 +763,7 @@ async fn delta_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Del
                 match snap.resources.get(n) {
                     Some(r) if wanted && k.get(n) != Some(&r.hash) => {
                         k.insert(n.clone(), r.hash);
-                        parts.push(r.delta.clone());
+                        parts.push(r.delta);
                     }
                     None if k.contains_key(n) => removed.push(n.to_string()),
                     _ => {}
@@ -769,6 +785,7 @@ async fn delta_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Del
                 v.insert(nonce.clone(), snap.version.clone());
             }
             sh.record(&t, &snap.version, &nonce, parts.len());
+            let parts = crate::grpc_wire::runs(&snap.all_delta, parts);
             let header = DeltaDiscoveryResponse {
                 system_version_info: snap.version.clone(),
                 type_url: t.clone(),
@@ -803,7 +820,8 @@ where
     let h = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let sh = sh.clone();
         async move {
-            let (tx, rx) = mpsc::channel::<Chunk>(256);
+            // A push is one message: a few in flight are enough to keep the connection busy.
+            let (tx, out) = crate::grpc_wire::body(4);
             let path = req.uri().path().to_string();
             let body = req.into_body();
             match path.as_str() {
@@ -815,15 +833,10 @@ where
                 }
                 other => {
                     let msg = format!("unknown method {other}");
-                    tokio::spawn(async move {
-                        let _ = tx
-                            .send(Ok(hyper::body::Frame::trailers(crate::grpc_wire::trailers(12, &msg))))
-                            .await;
-                    });
+                    tokio::spawn(async move { crate::grpc_wire::end(&tx, 12, &msg).await });
                 }
             }
-            let body = http_body_util::StreamBody::new(ReceiverStream::new(rx));
-            let mut resp = hyper::Response::new(body);
+            let mut resp = hyper::Response::new(out);
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/grpc"),
@@ -910,6 +923,7 @@ impl AdsServer {
             streams: AtomicU64::new(0),
             raw,
             delta_versions: Mutex::new(HashMap::new()),
+            sub_lists: Mutex::new(HashMap::new()),
             sent: Mutex::new(VecDeque::new()),
             syncz: Mutex::new(BTreeMap::new()),
         });
@@ -1183,7 +1197,7 @@ mod tests {
         };
         tx.send(first.clone()).await.unwrap();
         let mut inbound = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
             .unwrap()
             .into_inner();

@@ -17,13 +17,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::StreamBody;
-use hyper::body::{Bytes, Frame, Incoming};
+use hyper::body::Incoming;
 use hyper::{Request, Response};
 use serde_json::{Value, json};
-use tessera_xds::grpc_wire::{self, ReadEnd, Reader};
+use tessera_xds::grpc_wire::{self, Msg, MsgBody, ReadEnd, Reader};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::{ApiRegistry, Event, Kind, Object, Refused, instance_from, lock};
 
@@ -202,18 +200,12 @@ mod code {
     pub(super) const UNAVAILABLE: u8 = 14;
 }
 
-type Chunk = Result<Frame<Bytes>, std::convert::Infallible>;
-type Out = mpsc::Sender<Chunk>;
+type Out = mpsc::Sender<Msg>;
 /// The body of a gRPC response.
-pub type GrpcBody = StreamBody<ReceiverStream<Chunk>>;
+pub type GrpcBody = MsgBody;
 
 async fn send<M: prost::Message>(tx: &Out, m: &M) -> bool {
-    for c in grpc_wire::whole(m) {
-        if tx.send(Ok(Frame::data(c))).await.is_err() {
-            return false;
-        }
-    }
-    true
+    grpc_wire::send(tx, grpc_wire::whole(m)).await
 }
 
 /// Ends the response with `status` (0: OK) and its message.
@@ -221,12 +213,12 @@ async fn end(tx: &Out, status: u8, message: &str) {
     if status != 0 {
         tracing::debug!(status, message, "registry gRPC stream ended with an error");
     }
-    let _ = tx.send(Ok(Frame::trailers(grpc_wire::trailers(status, message)))).await;
+    grpc_wire::end(tx, status, message).await;
 }
 
 /// Serves one gRPC request.
 pub fn handle(reg: Arc<ApiRegistry>, req: Request<Incoming>) -> Response<GrpcBody> {
-    let (tx, rx) = mpsc::channel::<Chunk>(16);
+    let (tx, body_out) = grpc_wire::body(16);
     let path = req.uri().path().to_string();
     let body = req.into_body();
     match path.as_str() {
@@ -241,7 +233,7 @@ pub fn handle(reg: Arc<ApiRegistry>, req: Request<Incoming>) -> Response<GrpcBod
             tokio::spawn(async move { end(&tx, code::UNIMPLEMENTED, &msg).await });
         }
     }
-    let mut resp = Response::new(StreamBody::new(ReceiverStream::new(rx)));
+    let mut resp = Response::new(body_out);
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/grpc"),
