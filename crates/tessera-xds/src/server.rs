@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -166,8 +166,8 @@ impl Snap {
     }
 
     /// `name` as the snapshot's shared key when it has it.
-    fn intern(snap: Option<&Snap>, name: String) -> Arc<str> {
-        match snap.and_then(|s| s.resources.get_key_value(name.as_str())) {
+    fn intern(snap: Option<&Snap>, name: &str) -> Arc<str> {
+        match snap.and_then(|s| s.resources.get_key_value(name)) {
             Some((k, _)) => k.clone(),
             None => Arc::from(name),
         }
@@ -326,7 +326,6 @@ impl Shared {
         }
     }
 
-    /// The stream's group, resolved from its node on its first request.
     /// The shared list equal to `names` (sorted, deduplicated; sent with hash `hash`), or
     /// `names` made the shared one.
     fn shared_list(&self, type_url: &str, hash: u64, names: Vec<Arc<str>>) -> Arc<[Arc<str>]> {
@@ -346,6 +345,7 @@ impl Shared {
         l
     }
 
+    /// The stream's group, resolved from its node on its first request.
     fn join_group(&self, stream: u64, node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> String {
         let scoper = lock(&self.scoper).clone();
         let g = scoper.map(|f| f(node)).unwrap_or_default();
@@ -495,10 +495,56 @@ struct SotwSub {
     generation: u64,
 }
 
-fn names_hash(names: &[String]) -> u64 {
+fn names_hash(names: &[Bytes]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     names.hash(&mut h);
     h.finish()
+}
+
+/// A `DiscoveryRequest` as the server reads it: the names stay slices of the request's buffer
+/// (an ACK repeats a thousand names, of which only a hash is needed; decoding them as
+/// `String`s cost a thousand allocations per ACK), and the node stays encoded until a stream
+/// needs it (its first request). Wire-compatible with `DiscoveryRequest` (fields 1 to 6;
+/// `resource_locators` is skipped).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SotwRequest {
+    #[prost(string, tag = "1")]
+    version_info: String,
+    #[prost(bytes = "bytes", optional, tag = "2")]
+    node: Option<Bytes>,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    resource_names: Vec<Bytes>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    response_nonce: String,
+    #[prost(message, optional, tag = "6")]
+    error_detail: Option<envoy_types::pb::google::rpc::Status>,
+}
+
+impl SotwRequest {
+    /// The node, decoded.
+    fn decoded_node(
+        &self,
+    ) -> Result<Option<envoy_types::pb::envoy::config::core::v3::Node>, crate::grpc_wire::ReadEnd> {
+        use prost::Message;
+        self.node
+            .clone()
+            .map(envoy_types::pb::envoy::config::core::v3::Node::decode)
+            .transpose()
+            .map_err(|e| crate::grpc_wire::ReadEnd::Bad(format!("undecodable node: {e}")))
+    }
+
+    /// The names as text; a name that is not UTF-8 is a bad request.
+    fn names(&self) -> Result<Vec<&str>, crate::grpc_wire::ReadEnd> {
+        self.resource_names
+            .iter()
+            .map(|n| {
+                std::str::from_utf8(n)
+                    .map_err(|_| crate::grpc_wire::ReadEnd::Bad("a resource name is not UTF-8".into()))
+            })
+            .collect()
+    }
 }
 
 type Out = mpsc::Sender<crate::grpc_wire::Msg>;
@@ -517,7 +563,7 @@ async fn finish(tx: &Out, end: Option<crate::grpc_wire::ReadEnd>) {
 }
 
 /// One state-of-the-world stream.
-async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<DiscoveryRequest>, tx: Out) {
+async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<SotwRequest>, tx: Out) {
     let stream = sh.streams.fetch_add(1, Ordering::Relaxed) + 1;
     let mut changed = sh.changed.subscribe();
     let mut raw = sh.raw.subscribe();
@@ -530,36 +576,46 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
         let types: Vec<String> = tokio::select! {
             m = inbound.next() => match m {
                 Ok(r) => {
+                    let keep_log = sh.keep_log.load(Ordering::Relaxed);
+                    let node = if group.is_none() || keep_log {
+                        match r.decoded_node() {
+                            Ok(n) => n,
+                            Err(e) => break Some(e),
+                        }
+                    } else {
+                        None
+                    };
                     if group.is_none() {
-                        group = Some(sh.join_group(stream, r.node.as_ref()));
+                        group = Some(sh.join_group(stream, node.as_ref()));
                     }
+                    let names = match r.names() {
+                        Ok(n) => n,
+                        Err(e) => break Some(e),
+                    };
                     sh.record_request(Req {
                         at: Instant::now(),
                         type_url: r.type_url.clone(),
                         version: r.version_info.clone(),
                         nonce: r.response_nonce.clone(),
-                        names: if sh.keep_log.load(Ordering::Relaxed) { r.resource_names.clone() } else { Vec::new() },
+                        names: if keep_log { names.iter().map(|n| (*n).to_string()).collect() } else { Vec::new() },
                         unsubscribe: Vec::new(),
                         initial: BTreeMap::new(),
                         error: r.error_detail.as_ref().map(|e| e.message.clone()),
-                        node_id: r.node.as_ref().map(|n| n.id.clone()),
-                        node_meta: meta_keys(r.node.as_ref()),
+                        node_id: node.as_ref().map(|n| n.id.clone()),
+                        node_meta: meta_keys(node.as_ref()),
                         delta: false,
                         stream,
                     });
                     let raw_hash = names_hash(&r.resource_names);
                     let sub = subs.entry(r.type_url.clone()).or_default();
-                    if sub.generation == 0 || sub.raw_hash != raw_hash || sub.raw_len != r.resource_names.len() {
+                    if sub.generation == 0 || sub.raw_hash != raw_hash || sub.raw_len != names.len() {
                         let snap = sh.snap(group.as_deref().unwrap_or(""), &r.type_url);
-                        sub.raw_len = r.resource_names.len();
-                        let mut names: Vec<Arc<str>> = r
-                            .resource_names
-                            .into_iter()
-                            .map(|n| Snap::intern(snap.as_deref(), n))
-                            .collect();
-                        names.sort();
-                        names.dedup();
-                        sub.names = sh.shared_list(&r.type_url, raw_hash, names);
+                        sub.raw_len = names.len();
+                        let mut list: Vec<Arc<str>> =
+                            names.iter().map(|n| Snap::intern(snap.as_deref(), n)).collect();
+                        list.sort();
+                        list.dedup();
+                        sub.names = sh.shared_list(&r.type_url, raw_hash, list);
                         sub.raw_hash = raw_hash;
                         sub.generation += 1;
                     }
@@ -584,10 +640,7 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
             let Some(snap) = sh.snap(g, &t) else {
                 continue;
             };
-            let (names, generation) = subs
-                .get(&t)
-                .map(|s| (&*s.names, s.generation))
-                .unwrap_or((&[], 0));
+            let (names, generation) = subs.get(&t).map(|s| (&*s.names, s.generation)).unwrap_or((&[], 0));
             // Empty names (or `*`) ask for everything; a client that names listeners or clusters
             // (gRPC's xDS client does) gets those alone.
             let wildcard = names.is_empty() || names.iter().any(|n| &**n == "*");
@@ -624,8 +677,11 @@ async fn sotw_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Disc
             } else if wildcard {
                 (vec![snap.all_sotw.clone()], snap.resources.len())
             } else {
-                let p: Vec<crate::grpc_wire::Span> =
-                    names.iter().filter_map(|n| snap.resources.get(n)).map(|r| r.sotw).collect();
+                let p: Vec<crate::grpc_wire::Span> = names
+                    .iter()
+                    .filter_map(|n| snap.resources.get(n))
+                    .map(|r| r.sotw)
+                    .collect();
                 let n = p.len();
                 (crate::grpc_wire::runs(&snap.all_sotw, p), n)
             };
@@ -699,7 +755,7 @@ async fn delta_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Del
                         r.resource_names_subscribe
                             .iter()
                             .filter(|n| *n != "*")
-                            .map(|n| Snap::intern(snap.as_deref(), n.clone())),
+                            .map(|n| Snap::intern(snap.as_deref(), n)),
                     );
                     let k = known.entry(r.type_url.clone()).or_default();
                     for n in &r.resource_names_unsubscribe {
@@ -709,7 +765,7 @@ async fn delta_stream(sh: Arc<Shared>, mut inbound: crate::grpc_wire::Reader<Del
                     if first {
                         // Versions we sent are hex hashes; anything else is sent again.
                         k.extend(r.initial_resource_versions.iter().map(|(n, v)| {
-                            (Snap::intern(snap.as_deref(), n.clone()), u64::from_str_radix(v, 16).unwrap_or(0))
+                            (Snap::intern(snap.as_deref(), n), u64::from_str_radix(v, 16).unwrap_or(0))
                         }));
                     }
                     seen.remove(&r.type_url);
@@ -1169,6 +1225,7 @@ mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
     fn cla(name: &str, port: u32) -> Any {
         any(
@@ -1243,6 +1300,41 @@ mod tests {
         let t = collected.trailers().cloned().unwrap_or_default();
         let get = |k: &str| t.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         (get("grpc-status"), get("grpc-message"))
+    }
+
+    /// The server's lean reading of a `DiscoveryRequest` sees what the full message holds.
+    #[test]
+    fn the_lean_request_reads_what_envoy_sends() {
+        use prost::Message;
+        let full = DiscoveryRequest {
+            version_info: "7".into(),
+            node: Some(envoy_types::pb::envoy::config::core::v3::Node {
+                id: "sidecar~1".into(),
+                cluster: "web".into(),
+                ..Default::default()
+            }),
+            resource_names: vec!["b".into(), "a".into(), "é".into()],
+            type_url: "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment".into(),
+            response_nonce: "n3".into(),
+            error_detail: Some(envoy_types::pb::google::rpc::Status {
+                code: 3,
+                message: "rejected".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let lean = SotwRequest::decode(Bytes::from(full.encode_to_vec())).expect("decodes");
+        assert_eq!(lean.version_info, "7");
+        assert_eq!(lean.type_url, full.type_url);
+        assert_eq!(lean.response_nonce, "n3");
+        assert_eq!(lean.error_detail.as_ref().map(|e| e.message.as_str()), Some("rejected"));
+        assert_eq!(lean.names().ok(), Some(vec!["b", "a", "é"]));
+        assert_eq!(lean.decoded_node().ok().flatten(), full.node);
+        let bad = SotwRequest {
+            resource_names: vec![Bytes::from_static(&[0xff, 0xfe])],
+            ..Default::default()
+        };
+        assert!(bad.names().is_err());
     }
 
     #[test]
