@@ -120,18 +120,17 @@ pub fn parse_value(doc: &Value, file: &str, source: &str) -> Result<Snapshot, Ve
         file,
         problems: Vec::new(),
     };
-    let doc = doc.clone();
     let mut snap = Snapshot::default();
-    let Some(top) = cx.fields(&doc, "(top)", &["services"]) else {
+    let Some(top) = cx.fields(doc, "(top)", &["services"]) else {
         return Err(cx.problems);
     };
-    let list = match top.get("services") {
-        Some(Value::Array(a)) => a.clone(),
+    let list: &[Value] = match top.get("services") {
+        Some(Value::Array(a)) => a,
         Some(_) => {
             cx.add("services", "expected a list");
-            Vec::new()
+            &[]
         }
-        None => Vec::new(),
+        None => &[],
     };
     for (i, s) in list.iter().enumerate() {
         let at = format!("services[{i}]");

@@ -1,4 +1,4 @@
-//! A snapshot-cache ADS server on envoy-types' tonic service: the caller sets a snapshot per
+//! A snapshot-cache ADS server (gRPC framed by hand on hyper, `grpc_wire`): the caller sets a snapshot per
 //! type (version and resources) and the server answers each stream as a snapshot cache does
 //! (state of the world: the whole set when the version or the names asked for change; delta:
 //! changed and removed resources per subscription). Every request is logged, so the ACK / NACK
@@ -12,7 +12,11 @@
 //!   version looks at the changed names alone, and a state-of-the-world stream none of whose
 //!   resources changed is not pushed at all (an endpoint change reaches only the sidecars that
 //!   use the cluster);
-//! - snapshots are shared (`Arc`) by the streams, never copied per stream;
+//! - snapshots are shared (`Arc`) by the streams, never copied per stream, and a push is a few
+//!   slices of the snapshot's encoding (adjacent resources merged into runs);
+//! - what a stream keeps is small: its subscription is a list shared with every stream that
+//!   asked for the same names, and a request's names are read as slices of it and hashed (an
+//!   ACK that repeats them costs no allocation per name);
 //! - metrics with Istio's names, and `syncz`;
 //! - the request/response logs (for tests) can be turned off.
 
