@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A redis-server on `port`, without persistence; killed on drop.
-fn redis(port: u16, extra: &[&str], dir: &TempDir) -> Proc {
+/// A redis-server on `port`, without persistence; killed on drop. Err (with its log) when it
+/// exits or does not answer within 10 s.
+fn try_redis(port: u16, extra: &[&str], dir: &TempDir) -> Result<Proc, String> {
     let p = Proc::spawn(
         Command::new("redis-server")
             .args([
@@ -28,15 +29,40 @@ fn redis(port: u16, extra: &[&str], dir: &TempDir) -> Proc {
             .args(extra),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut p = p;
     while !redis_cli(port, &["ping"]).contains("PONG") {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server did not start; log:\n{}",
-            p.log()
-        );
+        if Instant::now() > deadline || p.child.try_wait().ok().flatten().is_some() {
+            return Err(p.log());
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
-    p
+    Ok(p)
+}
+
+/// [`try_redis`], panicking with the log.
+fn redis(port: u16, extra: &[&str], dir: &TempDir) -> Proc {
+    try_redis(port, extra, dir).unwrap_or_else(|log| panic!("redis-server did not start; log:\n{log}"))
+}
+
+/// A redis-server on a port picked here: a port found free can be taken by another test's
+/// connection before redis binds it (seen in CI), so a bind failure picks again (3 tries).
+/// With `cluster`, the port is low enough for Redis's cluster bus port (port + 10000).
+fn redis_free_port(extra: &[&str], dir: &TempDir, cluster: bool) -> (Proc, u16) {
+    let mut last = String::new();
+    for _ in 0..3 {
+        let port = loop {
+            let p = free_port();
+            if !cluster || p <= 55_535 {
+                break p;
+            }
+        };
+        match try_redis(port, extra, dir) {
+            Ok(p) => return (p, port),
+            Err(log) if log.contains("Address already in use") => last = log,
+            Err(log) => panic!("redis-server did not start; log:\n{log}"),
+        }
+    }
+    panic!("redis-server found its port taken three times; last log:\n{last}")
 }
 
 fn redis_cli(port: u16, args: &[&str]) -> String {
@@ -107,8 +133,7 @@ fn stat(admin: SocketAddr, name: &str) -> u64 {
 #[test]
 fn sidecars_share_one_fixed_window_limit() {
     let dir = TempDir::new("redis");
-    let port = free_port();
-    let _r = redis(port, &[], &dir);
+    let (_r, port) = redis_free_port(&[], &dir, false);
     let backend = format!("{{ address: 127.0.0.1:{port}, fail_open: false }}");
     let sa = sidecar(&backend, 5, "1m", "fixed_window", "ra");
     let sb = sidecar(&backend, 5, "1m", "fixed_window", "rb");
@@ -131,8 +156,7 @@ fn sidecars_share_one_fixed_window_limit() {
 #[test]
 fn rolling_window_refills_on_the_servers_clock() {
     let dir = TempDir::new("redis");
-    let port = free_port();
-    let _r = redis(port, &[], &dir);
+    let (_r, port) = redis_free_port(&[], &dir, false);
     let backend = format!("{{ address: 127.0.0.1:{port} }}");
     // Three tokens, refilled over 1.5 s: one every half second.
     let sa = sidecar(&backend, 3, "1500ms", "rolling_window", "rr");
@@ -146,8 +170,7 @@ fn rolling_window_refills_on_the_servers_clock() {
 #[test]
 fn prefetch_spends_tokens_locally_and_never_exceeds_the_limit() {
     let dir = TempDir::new("redis");
-    let port = free_port();
-    let _r = redis(port, &[], &dir);
+    let (_r, port) = redis_free_port(&[], &dir, false);
     let backend = format!("{{ address: 127.0.0.1:{port}, prefetch: 4 }}");
     let sa = sidecar(&backend, 10, "1m", "fixed_window", "pa");
     let sb = sidecar(&backend, 10, "1m", "fixed_window", "pb");
@@ -164,8 +187,7 @@ fn prefetch_spends_tokens_locally_and_never_exceeds_the_limit() {
 #[test]
 fn redis_killed_mid_load_fails_open_or_closed_and_recovers_on_restart() {
     let dir = TempDir::new("redis");
-    let port = free_port();
-    let mut r = redis(port, &[], &dir);
+    let (mut r, port) = redis_free_port(&[], &dir, false);
     let open = format!("{{ address: 127.0.0.1:{port}, fail_open: true, timeout: 200ms }}");
     let closed = format!("{{ address: 127.0.0.1:{port}, fail_open: false, timeout: 200ms }}");
     let so = sidecar(&open, 1000, "1m", "fixed_window", "fo");
@@ -229,24 +251,23 @@ fn redis_killed_mid_load_fails_open_or_closed_and_recovers_on_restart() {
 #[test]
 fn a_redis_cluster_shares_the_limit() {
     let dir = TempDir::new("rcluster");
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut nodes = Vec::new();
-    for p in &ports {
-        let node_dir = TempDir::new(&format!("rnode{p}"));
+    let mut ports = Vec::new();
+    for i in 0..3 {
+        let node_dir = TempDir::new(&format!("rnode{i}"));
         let conf = node_dir.path("nodes.conf");
-        nodes.push((
-            redis(
-                *p,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    conf.to_str().unwrap(),
-                ],
-                &node_dir,
-            ),
-            node_dir,
-        ));
+        let (node, port) = redis_free_port(
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                conf.to_str().unwrap(),
+            ],
+            &node_dir,
+            true,
+        );
+        ports.push(port);
+        nodes.push((node, node_dir));
     }
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let out = Command::new("redis-cli")
@@ -292,8 +313,7 @@ fn a_redis_cluster_shares_the_limit() {
 #[test]
 fn a_stalled_redis_is_answered_within_the_timeout() {
     let dir = TempDir::new("redis");
-    let port = free_port();
-    let r = redis(port, &[], &dir);
+    let (r, port) = redis_free_port(&[], &dir, false);
     let open = format!("{{ address: 127.0.0.1:{port}, fail_open: true, timeout: 150ms }}");
     let closed = format!("{{ address: 127.0.0.1:{port}, fail_open: false, timeout: 150ms }}");
     let so = sidecar(&open, 100, "1m", "fixed_window", "so");

@@ -11,8 +11,10 @@ calls the server with them.
       ({"revision": N}); stdin's end half-closes the stream; then {"end": CODE, "details": TEXT}.
 """
 
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -25,6 +27,7 @@ PROTO_ROOT = os.path.normpath(os.path.join(HERE, "../../../tessera-pilot/proto")
 
 def stubs():
     out = tempfile.mkdtemp(prefix="registry-stubs-")
+    atexit.register(shutil.rmtree, out, True)
     rc = protoc.main(
         [
             "protoc",
