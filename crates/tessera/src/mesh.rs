@@ -270,6 +270,18 @@ pub(crate) async fn up(spec: MeshSpec, file: &Path) -> anyhow::Result<()> {
             println!("try: curl -H 'Host: {host}' http://{}/", client.outbound_http);
         }
         if let (Some(iface), Some(at)) = (&dubbo_target, client.outbound_dubbo) {
+            // The Dubbo path is configured by pushes of its own: wait (bounded) for it too.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match crate::sample::call_dubbo(at, iface, "sayHello", Duration::from_secs(2)).await {
+                    Ok(_) => break,
+                    Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => {
+                        println!("  (the mesh is not routing Dubbo yet: {e})");
+                        break;
+                    }
+                }
+            }
             println!("     tessera call dubbo {at} {iface} sayHello");
         }
         println!("Ctrl-C stops the mesh.");

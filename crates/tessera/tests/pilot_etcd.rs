@@ -503,6 +503,11 @@ fn two_pilots_share_registrations_through_the_etcd_store() {
     // every replica when the session ends.
     let py = python_grpc_tools();
     let watch_b = registry_client(&py, &["watch", &b_api.to_string(), "shop", "0"]);
+    let deadline = Instant::now() + T;
+    while !printed(&watch_b).iter().any(|r| r["synced"] == true) {
+        assert!(Instant::now() < deadline, "B's watch never synced: {}", watch_b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut session = registry_client(&py, &["session", &a_api.to_string()]);
     let mut session_in = session.child.stdin.take().unwrap();
     writeln!(
