@@ -66,13 +66,15 @@ pub struct Config {
     pub adapters: Vec<std::sync::Arc<dyn crate::registry::Adapter>>,
 }
 
-fn duration(s: &str) -> Option<Duration> {
+/// A duration in whole `ms`, `s` or `m` (`100ms`, `2s`, `1m`), as Pilot's config files write
+/// them; None for anything else, or one too long to hold.
+pub(crate) fn duration(s: &str) -> Option<Duration> {
     let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i))?;
     let n: u64 = n.parse().ok()?;
     match unit {
         "ms" => Some(Duration::from_millis(n)),
         "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n * 60)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
         _ => None,
     }
 }
@@ -283,5 +285,22 @@ impl Config {
             ));
         }
         if problems.is_empty() { Ok(cfg) } else { Err(problems) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whole ms, s and m; anything else, or a minute count too large to hold, is no duration
+    /// (not a panic).
+    #[test]
+    fn durations_in_config_files() {
+        assert_eq!(duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(duration("3m"), Some(Duration::from_secs(180)));
+        for bad in ["", "2", "s", "1.5s", "2h", "-1s", "999999999999999999m"] {
+            assert_eq!(duration(bad), None, "{bad:?}");
+        }
     }
 }

@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::watch;
@@ -113,4 +114,128 @@ pub fn from_config(
         path: format!("registries.{kind}"),
         reason: format!("the `{kind}` registry adapter is not built yet"),
     }])
+}
+
+/// An adapter's config section (`registries.zookeeper`...), read field by field: every problem
+/// names `<section>.<field>`, and the checks every adapter shares (unknown fields, strings, the
+/// namespace, durations in a range, absolute key paths) are written once.
+pub(crate) struct Section<'a> {
+    file: &'a str,
+    at: &'a str,
+    map: &'a serde_json::Map<String, Value>,
+    problems: Vec<Problem>,
+}
+
+impl<'a> Section<'a> {
+    /// The section `v` at `at`, with its fields checked against `known`; a problem when it is not
+    /// a map (`example` shows one).
+    pub(crate) fn new(
+        v: &'a Value,
+        file: &'a str,
+        at: &'a str,
+        known: &[&str],
+        example: &str,
+    ) -> Result<Self, Vec<Problem>> {
+        let mut s = Section {
+            file,
+            at,
+            map: match v.as_object() {
+                Some(m) => m,
+                None => {
+                    return Err(vec![Problem {
+                        file: file.to_string(),
+                        path: at.to_string(),
+                        reason: format!("expected a map such as {example}, not {v}"),
+                    }]);
+                }
+            },
+            problems: Vec::new(),
+        };
+        for k in s.map.keys() {
+            if !known.contains(&k.as_str()) {
+                s.problem(k, format!("unknown field (known: {})", known.join(", ")));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Records a problem with `field`.
+    pub(crate) fn problem(&mut self, field: &str, reason: String) {
+        self.problems.push(Problem {
+            file: self.file.to_string(),
+            path: format!("{}.{field}", self.at),
+            reason,
+        });
+    }
+
+    /// The raw value of `field`; None when absent or null.
+    pub(crate) fn get(&self, field: &str) -> Option<&'a Value> {
+        self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    /// `field` as a trimmed string; None when absent (or not a string: a problem).
+    pub(crate) fn string(&mut self, field: &str) -> Option<String> {
+        match self.get(field)? {
+            Value::String(s) => Some(s.trim().to_string()),
+            other => {
+                self.problem(field, format!("expected a string, not {other}"));
+                None
+            }
+        }
+    }
+
+    /// `namespace`, `default` when absent; it must be a DNS label.
+    pub(crate) fn namespace(&mut self) -> String {
+        let namespace = self.string("namespace").unwrap_or_else(|| "default".to_string());
+        if !dns_label(&namespace) {
+            self.problem(
+                "namespace",
+                format!("`{namespace}` is not a namespace: lower-case letters, digits and `-`, at most 63"),
+            );
+        }
+        namespace
+    }
+
+    /// `field` as a duration from `min` to `max` (`range` says so in words, `example` shows two),
+    /// `default` when absent or wrong.
+    pub(crate) fn duration(
+        &mut self,
+        field: &str,
+        default: Duration,
+        (min, max, range): (Duration, Duration, &str),
+        example: &str,
+    ) -> Duration {
+        let Some(s) = self.string(field) else {
+            return default;
+        };
+        match crate::config::duration(&s) {
+            Some(d) if d >= min && d <= max => d,
+            Some(_) => {
+                self.problem(field, format!("`{s}` is out of range: {range}"));
+                default
+            }
+            None => {
+                self.problem(field, format!("`{s}` is not a duration such as {example}"));
+                default
+            }
+        }
+    }
+
+    /// `value`, or every problem found.
+    pub(crate) fn finish<T>(self, value: T) -> Result<T, Vec<Problem>> {
+        if self.problems.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.problems)
+        }
+    }
+}
+
+/// An absolute key path: starts with `/`, no trailing `/`, no empty, `.` or `..` part.
+pub(crate) fn absolute_path(p: &str) -> bool {
+    p.starts_with('/')
+        && !p.ends_with('/')
+        && p[1..]
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }

@@ -52,7 +52,7 @@ use serde_json::Value;
 
 use crate::Problem;
 use crate::model::{Instance, Port, Protocol, Service, Snapshot};
-use crate::registry::{Adapter, Feed};
+use crate::registry::{Adapter, Feed, Section, absolute_path};
 use wire::{Conn, Listing, WireError};
 
 /// Dubbo's default provider weight.
@@ -76,18 +76,6 @@ pub struct ZkConfig {
 }
 
 const FIELDS: &[&str] = &["servers", "root", "namespace", "session_timeout"];
-
-fn parse_duration(s: &str) -> Option<Duration> {
-    let i = s.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = s.split_at(i);
-    let n: u64 = n.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        _ => None,
-    }
-}
 
 /// Checks one `host:port` of `servers`.
 fn check_server(s: &str) -> Result<(), String> {
@@ -121,47 +109,17 @@ fn check_server(s: &str) -> Result<(), String> {
 impl ZkConfig {
     /// Reads `registries.zookeeper`; every problem names its field.
     pub fn parse(v: &Value, file: &str) -> Result<ZkConfig, Vec<Problem>> {
-        let mut problems = Vec::new();
-        let mut problem = |field: &str, reason: String| {
-            problems.push(Problem {
-                file: file.to_string(),
-                path: if field.is_empty() {
-                    "registries.zookeeper".to_string()
-                } else {
-                    format!("registries.zookeeper.{field}")
-                },
-                reason,
-            })
-        };
-        let Some(o) = v.as_object() else {
-            problem(
-                "",
-                format!("expected a map such as {{ servers: \"127.0.0.1:2181\" }}, not {v}"),
-            );
-            return Err(problems);
-        };
-        for k in o.keys() {
-            if !FIELDS.contains(&k.as_str()) {
-                problem(k, format!("unknown field (known: {})", FIELDS.join(", ")));
-            }
-        }
-        let mut string = |field: &str| -> Option<String> {
-            match o.get(field) {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.trim().to_string()),
-                Some(other) => {
-                    problem(field, format!("expected a string, not {other}"));
-                    None
-                }
-            }
-        };
-        let servers_text = string("servers");
-        let root = string("root");
-        let namespace = string("namespace");
-        let timeout = string("session_timeout");
+        let mut sec = Section::new(
+            v,
+            file,
+            "registries.zookeeper",
+            FIELDS,
+            "{ servers: \"127.0.0.1:2181\" }",
+        )?;
+        let servers_text = sec.string("servers");
         let mut servers = Vec::new();
         match &servers_text {
-            None if matches!(o.get("servers"), None | Some(Value::Null)) => problem(
+            None if sec.get("servers").is_none() => sec.problem(
                 "servers",
                 "required: the ZooKeeper servers, e.g. \"127.0.0.1:2181\" or \"zk1:2181,zk2:2181\"".into(),
             ),
@@ -169,59 +127,33 @@ impl ZkConfig {
             Some(text) => {
                 for s in text.split(',').map(str::trim) {
                     if s.is_empty() {
-                        problem("servers", format!("an empty server in `{text}`"));
+                        sec.problem("servers", format!("an empty server in `{text}`"));
                         continue;
                     }
                     match check_server(s) {
                         Ok(()) => servers.push(s.to_string()),
-                        Err(r) => problem("servers", r),
+                        Err(r) => sec.problem("servers", r),
                     }
                 }
             }
         }
-        let root = root.unwrap_or_else(|| "/dubbo".to_string());
-        let root_ok = root == "/"
-            || (root.starts_with('/')
-                && !root.ends_with('/')
-                && root[1..]
-                    .split('/')
-                    .all(|seg| !seg.is_empty() && seg != "." && seg != ".."));
-        if !root_ok {
-            problem(
+        let root = sec.string("root").unwrap_or_else(|| "/dubbo".to_string());
+        if root != "/" && !absolute_path(&root) {
+            sec.problem(
                 "root",
                 format!(
                     "`{root}` is not an absolute ZooKeeper path such as /dubbo (no trailing `/`, no empty, `.` or `..` part)"
                 ),
             );
         }
-        let namespace = namespace.unwrap_or_else(|| "default".to_string());
-        if !crate::registry::dns_label(&namespace) {
-            problem(
-                "namespace",
-                format!("`{namespace}` is not a namespace: lower-case letters, digits and `-`, at most 63"),
-            );
-        }
-        let session_timeout = match timeout {
-            None => Duration::from_secs(10),
-            Some(s) => match parse_duration(&s) {
-                Some(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(600) => d,
-                Some(_) => {
-                    problem("session_timeout", format!("`{s}` is out of range: from 1s to 10m"));
-                    Duration::from_secs(10)
-                }
-                None => {
-                    problem(
-                        "session_timeout",
-                        format!("`{s}` is not a duration such as 10s or 4000ms"),
-                    );
-                    Duration::from_secs(10)
-                }
-            },
-        };
-        if !problems.is_empty() {
-            return Err(problems);
-        }
-        Ok(ZkConfig {
+        let namespace = sec.namespace();
+        let session_timeout = sec.duration(
+            "session_timeout",
+            Duration::from_secs(10),
+            (Duration::from_secs(1), Duration::from_secs(600), "from 1s to 10m"),
+            "10s or 4000ms",
+        );
+        sec.finish(ZkConfig {
             servers,
             servers_text: servers_text.unwrap_or_default(),
             root,

@@ -48,18 +48,6 @@ pub struct EtcdConfig {
 /// The default prefix.
 pub const DEFAULT_PREFIX: &str = "/tessera/registry";
 
-fn parse_duration(s: &str) -> Option<Duration> {
-    let i = s.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = s.split_at(i);
-    let n: u64 = n.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        _ => None,
-    }
-}
-
 /// Checks one endpoint URL; returns its `host:port`.
 pub fn check_endpoint(s: &str) -> Result<String, String> {
     if s.starts_with("https://") {
@@ -102,42 +90,19 @@ impl EtcdConfig {
     /// Reads the section at `at` (`registries.etcd` or `store.etcd`); every problem names its
     /// field. `namespace` is only known in the registry's section.
     pub fn parse(v: &Value, file: &str, at: &str, with_namespace: bool) -> Result<EtcdConfig, Vec<Problem>> {
-        let mut problems = Vec::new();
-        let mut problem = |field: &str, reason: String| {
-            problems.push(Problem {
-                file: file.to_string(),
-                path: if field.is_empty() {
-                    at.to_string()
-                } else {
-                    format!("{at}.{field}")
-                },
-                reason,
-            })
-        };
-        let Some(o) = v.as_object() else {
-            problem(
-                "",
-                format!("expected a map such as {{ endpoints: [http://127.0.0.1:2379] }}, not {v}"),
-            );
-            return Err(problems);
-        };
         let known: &[&str] = if with_namespace {
             &["endpoints", "prefix", "namespace", "dial_timeout", "request_timeout"]
         } else {
             &["endpoints", "prefix", "dial_timeout", "request_timeout"]
         };
-        for k in o.keys() {
-            if !known.contains(&k.as_str()) {
-                problem(k, format!("unknown field (known: {})", known.join(", ")));
-            }
-        }
+        let mut sec = crate::registry::Section::new(v, file, at, known, "{ endpoints: [http://127.0.0.1:2379] }")?;
         let mut endpoints = Vec::new();
-        match o.get("endpoints") {
-            None | Some(Value::Null) => problem(
+        match sec.get("endpoints") {
+            None => sec.problem(
                 "endpoints",
                 "required: the etcd endpoints, e.g. [http://127.0.0.1:2379]".into(),
             ),
-            Some(Value::Array(list)) if list.is_empty() => problem(
+            Some(Value::Array(list)) if list.is_empty() => sec.problem(
                 "endpoints",
                 "at least one endpoint, e.g. [http://127.0.0.1:2379]".into(),
             ),
@@ -146,67 +111,31 @@ impl EtcdConfig {
                     match e.as_str().map(str::trim) {
                         Some(s) => match check_endpoint(s) {
                             Ok(hp) => endpoints.push(hp),
-                            Err(r) => problem(&format!("endpoints[{i}]"), r),
+                            Err(r) => sec.problem(&format!("endpoints[{i}]"), r),
                         },
-                        None => problem(&format!("endpoints[{i}]"), format!("expected a URL string, not {e}")),
+                        None => sec.problem(&format!("endpoints[{i}]"), format!("expected a URL string, not {e}")),
                     }
                 }
             }
-            Some(other) => problem(
+            Some(other) => sec.problem(
                 "endpoints",
                 format!("expected a list such as [http://127.0.0.1:2379], not {other}"),
             ),
         }
-        let mut string = |field: &str, default: &str| -> String {
-            match o.get(field) {
-                None | Some(Value::Null) => default.to_string(),
-                Some(Value::String(s)) => s.trim().to_string(),
-                Some(other) => {
-                    problem(field, format!("expected a string, not {other}"));
-                    default.to_string()
-                }
-            }
-        };
-        let prefix = string("prefix", DEFAULT_PREFIX);
-        let namespace = string("namespace", "default");
-        let dial = string("dial_timeout", "2s");
-        let request = string("request_timeout", "5s");
-        let prefix_ok = prefix.starts_with('/')
-            && !prefix.ends_with('/')
-            && prefix[1..]
-                .split('/')
-                .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
-        if !prefix_ok {
-            problem(
+        let prefix = sec.string("prefix").unwrap_or_else(|| DEFAULT_PREFIX.to_string());
+        if !crate::registry::absolute_path(&prefix) {
+            sec.problem(
                 "prefix",
                 format!(
                     "`{prefix}` is not a key prefix such as /tessera/registry (starts with `/`, no trailing `/`, no empty part)"
                 ),
             );
         }
-        if !crate::registry::dns_label(&namespace) {
-            problem(
-                "namespace",
-                format!("`{namespace}` is not a namespace: lower-case letters, digits and `-`, at most 63"),
-            );
-        }
-        let mut dur = |field: &str, s: &str, default: Duration| match parse_duration(s) {
-            Some(d) if d >= Duration::from_millis(100) && d <= Duration::from_secs(60) => d,
-            Some(_) => {
-                problem(field, format!("`{s}` is out of range: from 100ms to 60s"));
-                default
-            }
-            None => {
-                problem(field, format!("`{s}` is not a duration such as 2s or 500ms"));
-                default
-            }
-        };
-        let dial_timeout = dur("dial_timeout", &dial, Duration::from_secs(2));
-        let request_timeout = dur("request_timeout", &request, Duration::from_secs(5));
-        if !problems.is_empty() {
-            return Err(problems);
-        }
-        Ok(EtcdConfig {
+        let namespace = sec.namespace();
+        let range = (Duration::from_millis(100), Duration::from_secs(60), "from 100ms to 60s");
+        let dial_timeout = sec.duration("dial_timeout", Duration::from_secs(2), range, "2s or 500ms");
+        let request_timeout = sec.duration("request_timeout", Duration::from_secs(5), range, "2s or 500ms");
+        sec.finish(EtcdConfig {
             endpoints,
             prefix,
             namespace,
