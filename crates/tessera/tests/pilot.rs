@@ -34,22 +34,7 @@ fn services(instances: &[SocketAddr]) -> String {
 
 /// Who answers for reviews through the sidecar's outbound listener, `n` times.
 fn who(listen: u16, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|_| {
-            let out = curl(&[
-                "-s",
-                "-H",
-                "Host: reviews.shop.svc.cluster.local",
-                &format!("http://127.0.0.1:{listen}/"),
-            ]);
-            let body = String::from_utf8_lossy(&out.stdout).into_owned();
-            ["one", "two"]
-                .into_iter()
-                .find(|w| body.contains(&format!("hello from {w}")))
-                .unwrap_or("-")
-                .to_string()
-        })
-        .collect()
+    who_answers(listen, "reviews.shop.svc.cluster.local", n)
 }
 
 /// [`common::wait_until`] with this file's limit.
@@ -135,20 +120,15 @@ fn pilot_serves_file_registered_services_to_tessera_and_envoy() {
 #[test]
 fn a_broken_pilot_config_names_the_field() {
     let dir = TempDir::new("pilot-bad");
-    let f = dir.write("pilot.yaml", "xds: { listen: \"nowhere\" }\npush: { debounce: soon }\n");
-    let out = std::process::Command::new(bin())
-        .args(["pilot", "--config", f.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    for want in [
-        "xds.listen: `nowhere` is not an IP:port address",
-        "push.debounce: `soon` is not a duration",
-        "registries: a registry is required",
-    ] {
-        assert!(err.contains(want), "missing {want:?} in {err}");
-    }
+    assert_pilot_refuses(
+        &dir,
+        "xds: { listen: \"nowhere\" }\npush: { debounce: soon }\n",
+        &[
+            "xds.listen: `nowhere` is not an IP:port address",
+            "push.debounce: `soon` is not a duration",
+            "registries: a registry is required",
+        ],
+    );
 }
 
 #[test]
@@ -419,38 +399,23 @@ fn the_registry_grpc_api_streams_events_and_ties_instances_to_sessions() {
 
     // Bad requests: a status naming the field, and nothing left registered.
     let bad = session_once(&py, reg, &[instance_line("b1", one.port(), r#", "weight": 500"#)]);
-    assert_eq!(bad.last().unwrap()["end"], "INVALID_ARGUMENT", "{bad:?}");
-    assert!(
-        bad.last().unwrap()["details"]
-            .as_str()
-            .unwrap()
-            .contains("instance.weight: a weight from 1 to 128"),
-        "{bad:?}"
-    );
+    assert_ended(&bad, "INVALID_ARGUMENT", "instance.weight: a weight from 1 to 128");
     let line = instance_line("b2", one.port(), "").replace("reviews", "nope");
-    let bad = session_once(&py, reg, &[line]);
-    assert_eq!(bad.last().unwrap()["end"], "NOT_FOUND", "{bad:?}");
+    assert_ended(&session_once(&py, reg, &[line]), "NOT_FOUND", "");
     let bad = session_once(
         &py,
         reg,
         &[instance_line("b3", one.port(), ""), instance_line("b4", one.port(), "")],
     );
     assert_eq!(bad[0]["revision"].as_u64().map(|r| r > 0), Some(true), "{bad:?}");
-    assert_eq!(bad.last().unwrap()["end"], "INVALID_ARGUMENT", "{bad:?}");
-    assert!(
-        bad.last().unwrap()["details"]
-            .as_str()
-            .unwrap()
-            .contains("a session holds one instance"),
-        "{bad:?}"
-    );
+    assert_ended(&bad, "INVALID_ARGUMENT", "a session holds one instance");
     wait_event(&watch, "DELETED", "b3");
     let (_, listed) = api("GET", &format!("{base}/instances"), None);
     assert_eq!(listed["instances"], serde_json::json!([]), "{listed}");
     let mut ahead = registry_client(&py, &["watch", &reg.to_string(), "", "1000000"]);
     ahead.wait(T);
     let end = printed(&ahead);
-    assert_eq!(end.last().unwrap()["end"], "OUT_OF_RANGE", "{end:?}");
+    assert_ended(&end, "OUT_OF_RANGE", "");
     // Malformed and unknown gRPC requests (sent with curl) end with a status; the server
     // keeps serving.
     let junk = dir.path("junk.bin");

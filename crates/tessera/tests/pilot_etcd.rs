@@ -197,22 +197,7 @@ impl Etcd {
 
 /// Who answers for reviews through the sidecar's outbound listener, `n` times (`-`: nobody).
 fn who(out: u16, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|_| {
-            let o = curl(&[
-                "-s",
-                "-H",
-                &format!("Host: {HOST}"),
-                &format!("http://127.0.0.1:{out}/"),
-            ]);
-            let body = String::from_utf8_lossy(&o.stdout).into_owned();
-            ["one", "two"]
-                .into_iter()
-                .find(|w| body.contains(&format!("hello from {w}")))
-                .unwrap_or("-")
-                .to_string()
-        })
-        .collect()
+    who_answers(out, HOST, n)
 }
 
 /// Waits until `n` requests are answered by exactly the set `want` (empty: by nobody).
@@ -548,24 +533,16 @@ fn two_pilots_share_registrations_through_the_etcd_store() {
 #[test]
 fn a_broken_etcd_section_names_its_fields() {
     let dir = TempDir::new("pilot-etcd-bad");
-    let f = dir.write(
-        "pilot.yaml",
+    assert_pilot_refuses(
+        &dir,
         "registries:\n  etcd: { endpoints: [\"127.0.0.1:2379\"], prefix: registry/, dial_timeout: soon, colour: red }\nstore: { path: x.redb, etcd: { endpoints: [https://127.0.0.1:2379] } }\n",
+        &[
+            "registries.etcd.endpoints[0]: `127.0.0.1:2379` is not an endpoint URL such as http://127.0.0.1:2379",
+            "registries.etcd.prefix: `registry/` is not a key prefix",
+            "registries.etcd.dial_timeout: `soon` is not a duration",
+            "registries.etcd.colour: unknown field (known: endpoints, prefix, namespace, dial_timeout, request_timeout)",
+            "store.etcd: give `path` (one Pilot's own file) or `etcd` (shared by replicas), not both",
+            "store.etcd.endpoints[0]: `https://127.0.0.1:2379`: TLS is not supported yet",
+        ],
     );
-    let out = Command::new(bin())
-        .args(["pilot", "--config", f.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    for want in [
-        "registries.etcd.endpoints[0]: `127.0.0.1:2379` is not an endpoint URL such as http://127.0.0.1:2379",
-        "registries.etcd.prefix: `registry/` is not a key prefix",
-        "registries.etcd.dial_timeout: `soon` is not a duration",
-        "registries.etcd.colour: unknown field (known: endpoints, prefix, namespace, dial_timeout, request_timeout)",
-        "store.etcd: give `path` (one Pilot's own file) or `etcd` (shared by replicas), not both",
-        "store.etcd.endpoints[0]: `https://127.0.0.1:2379`: TLS is not supported yet",
-    ] {
-        assert!(err.contains(want), "missing {want:?} in {err}");
-    }
 }

@@ -264,22 +264,14 @@ fn dubbo_providers_in_zookeeper_reach_the_sidecar_and_survive_an_outage() {
 #[test]
 fn a_broken_zookeeper_section_names_its_fields() {
     let dir = TempDir::new("pilot-zk-bad");
-    let f = dir.write(
-        "pilot.yaml",
+    assert_pilot_refuses(
+        &dir,
         "registries:\n  zookeeper: { servers: \"127.0.0.1\", root: dubbo, session_timeout: soon, colour: red }\n",
+        &[
+            "registries.zookeeper.servers: `127.0.0.1` has no port (host:port)",
+            "registries.zookeeper.root: `dubbo` is not an absolute ZooKeeper path",
+            "registries.zookeeper.session_timeout: `soon` is not a duration",
+            "registries.zookeeper.colour: unknown field (known: servers, root, namespace, session_timeout)",
+        ],
     );
-    let out = Command::new(bin())
-        .args(["pilot", "--config", f.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    for want in [
-        "registries.zookeeper.servers: `127.0.0.1` has no port (host:port)",
-        "registries.zookeeper.root: `dubbo` is not an absolute ZooKeeper path",
-        "registries.zookeeper.session_timeout: `soon` is not a duration",
-        "registries.zookeeper.colour: unknown field (known: servers, root, namespace, session_timeout)",
-    ] {
-        assert!(err.contains(want), "missing {want:?} in {err}");
-    }
 }

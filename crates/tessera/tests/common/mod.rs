@@ -465,3 +465,38 @@ pub fn api(method: &str, url: &str, body: Option<&str>) -> (u16, serde_json::Val
         serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// Who answers `host` through a sidecar listening at `listen`, `n` times: `one` or `two` (the
+/// sample services' names), `-` for anyone else or no answer.
+pub fn who_answers(listen: u16, host: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let out = curl(&[
+                "-s",
+                "-H",
+                &format!("Host: {host}"),
+                &format!("http://127.0.0.1:{listen}/"),
+            ]);
+            let body = String::from_utf8_lossy(&out.stdout).into_owned();
+            ["one", "two"]
+                .into_iter()
+                .find(|w| body.contains(&format!("hello from {w}")))
+                .unwrap_or("-")
+                .to_string()
+        })
+        .collect()
+}
+
+/// `tessera pilot` on the config `yaml` exits with an error whose text holds each of `wants`.
+pub fn assert_pilot_refuses(dir: &TempDir, yaml: &str, wants: &[&str]) {
+    let f = dir.write("pilot.yaml", yaml);
+    let out = Command::new(bin())
+        .args(["pilot", "--config", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in wants {
+        assert!(err.contains(want), "missing {want:?} in {err}");
+    }
+}

@@ -84,3 +84,10 @@ pub fn session_once(py: &Path, reg: SocketAddr, lines: &[String]) -> Vec<Value> 
     p.wait(Duration::from_secs(30));
     printed(&p)
 }
+
+/// The client's last line says its stream ended with `code`, with `details` holding `text`.
+pub fn assert_ended(printed: &[Value], code: &str, text: &str) {
+    let end = printed.last().cloned().unwrap_or(Value::Null);
+    assert_eq!(end["end"], code, "{printed:?}");
+    assert!(end["details"].as_str().unwrap_or("").contains(text), "{printed:?}");
+}
