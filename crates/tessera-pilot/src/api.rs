@@ -254,10 +254,7 @@ fn ports_json(s: &Service) -> Value {
         s.ports
             .iter()
             .map(|p| {
-                let proto = crate::model::Protocol::NAMES
-                    .iter()
-                    .find(|(_, x)| *x == p.protocol)
-                    .map_or("http", |(n, _)| n);
+                let proto = p.protocol.name();
                 json!({"name": p.name, "port": p.port, "protocol": proto})
             })
             .collect(),

@@ -32,6 +32,14 @@ impl Protocol {
         ("dubbo", Protocol::Dubbo),
     ];
 
+    /// The name files and the APIs use for it.
+    pub fn name(self) -> &'static str {
+        Protocol::NAMES
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map_or("http", |(n, _)| n)
+    }
+
     /// Served through the sidecar's HTTP listener.
     pub fn is_http(self) -> bool {
         matches!(self, Protocol::Http | Protocol::Http2 | Protocol::Grpc)

@@ -241,13 +241,6 @@ pub fn handle(reg: Arc<ApiRegistry>, req: Request<Incoming>) -> Response<GrpcBod
     resp
 }
 
-fn protocol_name(p: crate::model::Protocol) -> &'static str {
-    crate::model::Protocol::NAMES
-        .iter()
-        .find(|(_, x)| *x == p)
-        .map_or("http", |(n, _)| n)
-}
-
 fn service_msg(s: &crate::model::Service) -> ServiceMsg {
     ServiceMsg {
         namespace: s.namespace.clone(),
@@ -258,7 +251,7 @@ fn service_msg(s: &crate::model::Service) -> ServiceMsg {
             .map(|p| PortMsg {
                 name: p.name.clone(),
                 port: u32::from(p.port),
-                protocol: protocol_name(p.protocol).to_string(),
+                protocol: p.protocol.name().to_string(),
             })
             .collect(),
         labels: s.labels.clone(),
