@@ -145,18 +145,38 @@ pub enum ReadEnd {
     Bad(String),
 }
 
+/// A request body: hyper's, or the ADS server's own HTTP/2 ([`crate::http2`]).
+pub enum Body {
+    /// From a hyper server.
+    Hyper(hyper::body::Incoming),
+    /// From [`crate::http2::serve`].
+    Own(crate::http2::RecvBody),
+}
+
+impl From<hyper::body::Incoming> for Body {
+    fn from(b: hyper::body::Incoming) -> Self {
+        Body::Hyper(b)
+    }
+}
+
+impl From<crate::http2::RecvBody> for Body {
+    fn from(b: crate::http2::RecvBody) -> Self {
+        Body::Own(b)
+    }
+}
+
 /// Reads gRPC messages of type `M` from a request body.
 pub struct Reader<M> {
-    body: hyper::body::Incoming,
+    body: Body,
     buf: BytesMut,
     _m: std::marker::PhantomData<M>,
 }
 
 impl<M: Message + Default> Reader<M> {
     /// Reads from `body`, a gRPC request stream.
-    pub fn new(body: hyper::body::Incoming) -> Self {
+    pub fn new(body: impl Into<Body>) -> Self {
         Reader {
-            body,
+            body: body.into(),
             buf: BytesMut::new(),
             _m: std::marker::PhantomData,
         }
@@ -187,18 +207,18 @@ impl<M: Message + Default> Reader<M> {
                     return M::decode(msg.freeze()).map_err(|e| ReadEnd::Bad(format!("undecodable request: {e}")));
                 }
             }
-            match self.body.frame().await {
-                None => return Err(ReadEnd::Closed),
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "ADS request stream ended");
-                    return Err(ReadEnd::Closed);
-                }
-                Some(Ok(f)) => {
-                    if let Ok(data) = f.into_data() {
-                        self.buf.extend_from_slice(&data);
+            let data = match &mut self.body {
+                Body::Hyper(b) => match b.frame().await {
+                    None => return Err(ReadEnd::Closed),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "gRPC request stream ended");
+                        return Err(ReadEnd::Closed);
                     }
-                }
-            }
+                    Some(Ok(f)) => f.into_data().unwrap_or_default(),
+                },
+                Body::Own(b) => b.chunk().await.ok_or(ReadEnd::Closed)?,
+            };
+            self.buf.extend_from_slice(&data);
         }
     }
 }

@@ -14,6 +14,8 @@ pub mod bootstrap;
 pub mod cluster;
 mod dubbo;
 pub mod grpc_wire;
+mod hpack;
+pub mod http2;
 mod http_filters;
 pub mod listener;
 pub mod load;

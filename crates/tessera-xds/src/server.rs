@@ -872,41 +872,22 @@ enum Listener {
 const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
-/// One HTTP/2 connection: each request is an ADS stream served by its own task.
-async fn connection<S>(stream: S, sh: Arc<Shared>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let h = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let sh = sh.clone();
-        async move {
-            // A push is one message: a few in flight are enough to keep the connection busy.
-            let (tx, out) = crate::grpc_wire::body(4);
-            let path = req.uri().path().to_string();
-            let body = req.into_body();
-            match path.as_str() {
-                SOTW_PATH => {
-                    tokio::spawn(sotw_stream(sh, crate::grpc_wire::Reader::new(body), tx));
-                }
-                DELTA_PATH => {
-                    tokio::spawn(delta_stream(sh, crate::grpc_wire::Reader::new(body), tx));
-                }
-                other => {
-                    let msg = format!("unknown method {other}");
-                    tokio::spawn(async move { crate::grpc_wire::end(&tx, 12, &msg).await });
-                }
-            }
-            let mut resp = hyper::Response::new(out);
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/grpc"),
-            );
-            Ok::<_, std::convert::Infallible>(resp)
+/// One HTTP/2 connection ([`crate::http2`]): each request is an ADS stream served by its
+/// own task.
+async fn connection<S: crate::http2::Sock>(stream: S, sh: Arc<Shared>) {
+    crate::http2::serve(stream, move |path, body, tx| match path {
+        SOTW_PATH => {
+            tokio::spawn(sotw_stream(sh.clone(), crate::grpc_wire::Reader::new(body), tx));
         }
-    });
-    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), h)
-        .await;
+        DELTA_PATH => {
+            tokio::spawn(delta_stream(sh.clone(), crate::grpc_wire::Reader::new(body), tx));
+        }
+        other => {
+            let msg = format!("unknown method {other}");
+            tokio::spawn(async move { crate::grpc_wire::end(&tx, 12, &msg).await });
+        }
+    })
+    .await;
 }
 
 /// The server; dropping it (or [`AdsServer::stop`]) ends every stream.
