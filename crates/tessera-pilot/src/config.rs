@@ -132,6 +132,14 @@ impl Config {
         let store = get("/store/path", "store.path");
         let istio_dir = get("/config/dir", "config.dir");
         let istio_watch = get("/config/watch_interval", "config.watch_interval");
+        if let Some(o) = doc.pointer("/push").and_then(Value::as_object) {
+            for k in o.keys().filter(|k| !["debounce", "debounce_max"].contains(&k.as_str())) {
+                problems.push(problem(
+                    &format!("push.{k}"),
+                    "unknown field (known: debounce, debounce_max)".into(),
+                ));
+            }
+        }
         if let Some(o) = doc.pointer("/config").and_then(Value::as_object) {
             for k in o.keys().filter(|k| !["dir", "watch_interval"].contains(&k.as_str())) {
                 problems.push(problem(
@@ -302,5 +310,34 @@ mod tests {
         for bad in ["", "2", "s", "1.5s", "2h", "-1s", "999999999999999999m"] {
             assert_eq!(duration(bad), None, "{bad:?}");
         }
+    }
+
+    /// A misspelt push setting is named, not silently ignored.
+    #[test]
+    fn unknown_push_fields_are_refused() {
+        let e = Config::from_yaml(
+            "registries: { file: { dir: s } }\npush: { debounce: 50ms, debounce_mx: 1s }\n",
+            "pilot.yaml",
+            Path::new("."),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(
+            (e[0].file.as_str(), e[0].path.as_str()),
+            ("pilot.yaml", "push.debounce_mx")
+        );
+        assert!(
+            e[0].reason.contains("unknown field (known: debounce, debounce_max)"),
+            "{e:?}"
+        );
+        assert!(
+            Config::from_yaml(
+                "registries: { file: { dir: s } }\npush: { debounce: 50ms, debounce_max: 1s }\n",
+                "p",
+                Path::new(".")
+            )
+            .is_ok()
+        );
     }
 }
