@@ -43,6 +43,9 @@ const MAX_FRAME: usize = 16_384;
 const MAX_HEADER_LIST: usize = 16 * 1024;
 /// Queued output past which no more response data is taken from the streams.
 const OUT_HIGH: usize = 256 * 1024;
+/// Queued output past which the connection stops reading: what a client that sends (PINGs,
+/// SETTINGS, DATA on closed streams) without reading our answers can make us hold.
+const OUT_LIMIT: usize = 1024 * 1024;
 /// The queue of response messages per stream.
 pub const QUEUE_DEPTH: usize = 4;
 /// Read scratch, one per thread.
@@ -254,6 +257,8 @@ impl<H: FnMut(&str, RecvBody, mpsc::Sender<Msg>)> Conn<H> {
             }
             let interest = if self.out.is_empty() {
                 Interest::READABLE
+            } else if self.out_bytes >= OUT_LIMIT {
+                Interest::WRITABLE
             } else {
                 Interest::READABLE | Interest::WRITABLE
             };
@@ -261,7 +266,7 @@ impl<H: FnMut(&str, RecvBody, mpsc::Sender<Msg>)> Conn<H> {
             tokio::select! {
                 r = sock.ready(interest) => {
                     let r = r.map_err(|_| Fail::Io)?;
-                    if (r.is_readable() || r.is_read_closed()) && !self.read(sock)? {
+                    if (r.is_readable() || r.is_read_closed()) && self.out_bytes < OUT_LIMIT && !self.read(sock)? {
                         return Ok(());
                     }
                 }
@@ -689,11 +694,7 @@ impl<H: FnMut(&str, RecvBody, mpsc::Sender<Msg>)> Conn<H> {
                 s.send_window -= n as i64;
                 *send_window -= n as i64;
                 // The frame header, then the payload itself: a slice of the snapshot, not a copy.
-                let mut h = [0u8; 9];
-                h[..3].copy_from_slice(&(n as u32).to_be_bytes()[1..]);
-                h[3] = DATA;
-                h[5..].copy_from_slice(&s.id.to_be_bytes());
-                enqueue(Bytes::copy_from_slice(&h), out_bytes);
+                enqueue(Bytes::copy_from_slice(&frame_header(DATA, 0, s.id, n)), out_bytes);
                 enqueue(piece, out_bytes);
             }
             let mut done = false;
@@ -782,13 +783,20 @@ fn unreturned(s: &Stream) -> usize {
     (STREAM_WINDOW - s.recv_window).max(0) as usize
 }
 
+/// A frame's 9-byte header, for a `len`-byte payload.
+fn frame_header(ty: u8, flags: u8, id: u32, len: usize) -> [u8; 9] {
+    let mut h = [0u8; 9];
+    h[..3].copy_from_slice(&(len as u32).to_be_bytes()[1..]);
+    h[3] = ty;
+    h[4] = flags;
+    h[5..].copy_from_slice(&id.to_be_bytes());
+    h
+}
+
 /// A whole frame, header and payload.
 fn frame_bytes(ty: u8, flags: u8, id: u32, p: &[u8]) -> Bytes {
     let mut f = Vec::with_capacity(9 + p.len());
-    f.extend_from_slice(&(p.len() as u32).to_be_bytes()[1..]);
-    f.push(ty);
-    f.push(flags);
-    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(&frame_header(ty, flags, id, p.len()));
     f.extend_from_slice(p);
     Bytes::from(f)
 }
@@ -1066,6 +1074,21 @@ mod tests {
             "{f:?}"
         );
         assert!(f.iter().any(|f| f.0 == SETTINGS && f.1 == ACK), "{f:?}");
+        // A client that sends PINGs and never reads the answers: the server stops reading
+        // once it holds OUT_LIMIT of answers, and the client's writes stall.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(PREFACE).await.unwrap();
+        let pings: Vec<u8> = (0..4000).flat_map(|_| raw_frame(PING, 0, 0, b"flooding")).collect();
+        let mut written = 0usize;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), s.write_all(&pings)).await {
+                Ok(Ok(())) => written += pings.len(),
+                Ok(Err(e)) => panic!("the server closed on a PING flood: {e}"),
+                Err(_) => break,
+            }
+            assert!(written < 64 << 20, "the server kept reading PINGs it could not answer");
+        }
+        drop(s);
         // Random frames never panic the server; a real client is still served after them all.
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..20 {
