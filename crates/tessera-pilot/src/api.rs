@@ -321,7 +321,7 @@ pub(crate) fn instance_from(
     let instance = snap
         .instances
         .remove(&key)
-        .and_then(|mut v| v.pop())
+        .and_then(|v| std::sync::Arc::unwrap_or_clone(v).pop())
         .ok_or_else(|| Refused::Message(format!("{file}: no instance")))?;
     Ok((instance, ttl, Value::Object(inst)))
 }
@@ -695,7 +695,7 @@ impl ApiRegistry {
                     let list = inner
                         .instances
                         .get(k)
-                        .map(|m| m.values().map(|r| r.instance.clone()).collect())
+                        .map(|m| std::sync::Arc::new(m.values().map(|r| r.instance.clone()).collect()))
                         .unwrap_or_default();
                     (k.clone(), list)
                 })

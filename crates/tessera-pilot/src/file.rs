@@ -311,7 +311,7 @@ pub fn parse_value(doc: &Value, file: &str, source: &str) -> Result<Snapshot, Ve
                     source: source.to_string(),
                 },
             );
-            snap.instances.insert(key, instances);
+            snap.instances.insert(key, std::sync::Arc::new(instances));
         }
     }
     if cx.problems.is_empty() {

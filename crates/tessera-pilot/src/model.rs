@@ -104,5 +104,5 @@ pub struct Snapshot {
     /// By `namespace/name`.
     pub services: BTreeMap<String, Service>,
     /// By `namespace/name`, the service's instances.
-    pub instances: BTreeMap<String, Vec<Instance>>,
+    pub instances: BTreeMap<String, std::sync::Arc<Vec<Instance>>>,
 }

@@ -127,7 +127,7 @@ struct Ep {
 fn targets(s: &Snapshot, istio: &crate::istio::Config, problems: &mut Vec<crate::Problem>) -> Vec<Target> {
     let mut out: Vec<Target> = Vec::new();
     for (key, svc) in &s.services {
-        let instances = s.instances.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        let instances = s.instances.get(key).map(|v| v.as_slice()).unwrap_or(&[]);
         out.push(Target {
             host: svc.hostname(),
             short: Some(format!("{}.{}", svc.name, svc.namespace)),

@@ -466,7 +466,7 @@ pub fn map_providers(
                 source,
             },
         );
-        snap.instances.insert(key, instances);
+        snap.instances.insert(key, std::sync::Arc::new(instances));
     }
     (snap, skipped)
 }

@@ -302,8 +302,10 @@ pub fn snapshot(read: &BTreeMap<String, ReadService>) -> crate::model::Snapshot 
     let mut snap = crate::model::Snapshot::default();
     for (k, rs) in read {
         snap.services.insert(k.clone(), rs.service.clone());
-        snap.instances
-            .insert(k.clone(), rs.instances.values().map(|r| r.instance.clone()).collect());
+        snap.instances.insert(
+            k.clone(),
+            std::sync::Arc::new(rs.instances.values().map(|r| r.instance.clone()).collect()),
+        );
     }
     snap
 }
