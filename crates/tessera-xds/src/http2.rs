@@ -375,12 +375,7 @@ impl<H: FnMut(&str, RecvBody, mpsc::Sender<Msg>)> Conn<H> {
                     end_stream: flags & END_STREAM != 0,
                     bytes: p.to_vec(),
                 };
-                if flags & END_HEADERS != 0 {
-                    self.headers(block)
-                } else {
-                    self.block = Some(block);
-                    Ok(())
-                }
+                self.header_part(flags, block)
             }
             CONTINUATION => {
                 let Some(mut b) = self.block.take() else {
@@ -390,12 +385,7 @@ impl<H: FnMut(&str, RecvBody, mpsc::Sender<Msg>)> Conn<H> {
                 if b.bytes.len() > 4 * MAX_HEADER_LIST {
                     return Err(proto(PROTOCOL_ERROR, "header block too large"));
                 }
-                if flags & END_HEADERS != 0 {
-                    self.headers(b)
-                } else {
-                    self.block = Some(b);
-                    Ok(())
-                }
+                self.header_part(flags, b)
             }
             PRIORITY => {
                 if p.len() != 5 {
@@ -458,6 +448,16 @@ impl<H: FnMut(&str, RecvBody, mpsc::Sender<Msg>)> Conn<H> {
             }
             // Unknown frame types are ignored (RFC 9113 5.5).
             _ => Ok(()),
+        }
+    }
+
+    /// A header block so far: handled when END_HEADERS ends it, else kept for CONTINUATION.
+    fn header_part(&mut self, flags: u8, block: Block) -> Result<(), Fail> {
+        if flags & END_HEADERS != 0 {
+            self.headers(block)
+        } else {
+            self.block = Some(block);
+            Ok(())
         }
     }
 
